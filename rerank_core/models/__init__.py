@@ -1,0 +1,1 @@
+"""One module per architecture: the text cross-encoder and the multimodal (VL) cross-encoder."""

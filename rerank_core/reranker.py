@@ -1,0 +1,248 @@
+"""The public Python API: ``load_reranker(source) -> Reranker`` with ``score`` and ``rerank``.
+
+The work is split in three steps that the Serve deployments and Ray Data reuse:
+
+* ``encode`` (CPU): prompts, tokens, truncation -> ``EncodedPairs``;
+* ``forward_rows`` (GPU or CPU): token rows packed under a token budget -> float32 logits per row;
+* ``finalize``: per-pair logits -> per-document logits (max over a document's chunks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .batching import pack, pad_ids
+from .checkpoint import load_state_dict_strict, resolve_source
+from .config import CheckpointInfo, read_checkpoint_config
+from .errors import InvalidInput
+from .tokenization import EncodedPairs, PromptTokenizer
+
+log = logging.getLogger("rerank_core")
+
+DEFAULT_MAX_LENGTH = {"text": 8192, "vl": 10240}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def sigmoid(x: np.ndarray | Sequence[float]) -> np.ndarray:
+    """Numerically stable logistic function in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device 'cuda' was asked for but torch sees no CUDA device", param="device")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/``auto``: bfloat16 on GPU, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise InvalidInput(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'", param="dtype") from None
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    index: int
+    logit: float
+    probability: float
+
+    def __iter__(self):  # unpacks as (index, logit, probability)
+        return iter((self.index, self.logit, self.probability))
+
+
+class Reranker:
+    """A loaded text cross-encoder. Thread-compatible, not thread-safe (one forward at a time)."""
+
+    kind = "text"
+
+    def __init__(
+        self,
+        info: CheckpointInfo,
+        model: torch.nn.Module,
+        tokenizer: PromptTokenizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_batch_tokens: int = 16384,
+        apply_temperature: bool = False,
+        source: str | None = None,
+    ):
+        self.info = info
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_tokens = max_batch_tokens
+        self.apply_temperature = apply_temperature
+        self.source = source or info.path
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.max_length
+
+    # -- prepare -------------------------------------------------------------------------------------
+    def _texts(self, documents: Sequence[Any]) -> list[str]:
+        texts = []
+        for i, d in enumerate(documents):
+            if isinstance(d, str):
+                texts.append(d)
+            elif isinstance(d, dict) and set(d) <= {"text", "image"} and d.get("image") is None:
+                texts.append(d.get("text") or "")
+            else:
+                raise InvalidInput(
+                    f"document {i}: this text model accepts only text documents; images need "
+                    "nvidia/llama-nemotron-rerank-vl-1b-v2",
+                    param="documents",
+                )
+        return texts
+
+    def encode(
+        self,
+        query: str,
+        documents: Sequence[Any],
+        truncate: str = "END",
+        max_length: int | None = None,
+        max_tokens_per_doc: int | None = None,
+    ) -> EncodedPairs:
+        if not isinstance(query, str):
+            raise InvalidInput("query must be a string", param="query")
+        limit = self.max_length if max_length is None else int(max_length)
+        if limit < 2:
+            raise InvalidInput("max_length must be at least 2", param="max_length")
+        return self.tokenizer.encode_text_pairs(
+            query, self._texts(documents), truncate=truncate, max_length=limit, max_tokens_per_doc=max_tokens_per_doc
+        )
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward_rows(self, rows: Sequence[np.ndarray], **extra: Any) -> np.ndarray:
+        """Float32 logits, one per token row, in input order; packs rows under ``max_batch_tokens``."""
+        if not rows:
+            return np.zeros(0, dtype=np.float32)
+        plan = pack([len(r) for r in rows], self.max_batch_tokens)
+        outputs = [self._forward_batch([rows[i] for i in b.indices]) for b in plan.batches]
+        return plan.scatter(outputs)
+
+    @torch.inference_mode()
+    def _forward_batch(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        ids, mask = pad_ids(rows, self.pad_id)
+        ids_t, mask_t = self._to_device(ids), self._to_device(mask)
+        logits = self.model(ids_t, mask_t, apply_temperature=self.apply_temperature)
+        return logits.float().cpu().numpy()
+
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def forward_encoded(self, enc: EncodedPairs) -> np.ndarray:
+        rows = [enc.pair(i) for i in range(len(enc.lengths))]
+        return self.forward_rows(rows)
+
+    # -- finalize ------------------------------------------------------------------------------------
+    @staticmethod
+    def finalize(enc: EncodedPairs, pair_logits: np.ndarray) -> np.ndarray:
+        """Per-document logits: a chunked document scores the max over its chunks."""
+        out = np.full(enc.num_docs, -np.inf, dtype=np.float32)
+        np.maximum.at(out, enc.doc_index, np.asarray(pair_logits, dtype=np.float32))
+        return out
+
+    # -- public API ----------------------------------------------------------------------------------
+    def score(
+        self,
+        query: str,
+        documents: Sequence[Any],
+        truncate: str = "END",
+        max_length: int | None = None,
+        max_tokens_per_doc: int | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        """Raw logits, one per document, in input order."""
+        if not documents:
+            return []
+        enc = self.encode(query, documents, truncate, max_length, max_tokens_per_doc, **kwargs)
+        return [float(x) for x in self.finalize(enc, self.forward_encoded(enc))]
+
+    def rerank(
+        self, query: str, documents: Sequence[Any], top_n: int | None = None, **kwargs: Any
+    ) -> list[RerankResult]:
+        """Documents sorted by descending logit as ``(index, logit, probability)``; ``top_n`` keeps the best."""
+        logits = np.asarray(self.score(query, documents, **kwargs), dtype=np.float32)
+        probs = sigmoid(logits)
+        order = np.argsort(-logits, kind="stable")
+        if top_n:
+            order = order[: int(top_n)]
+        return [RerankResult(int(i), float(logits[i]), float(probs[i])) for i in order]
+
+
+def build_model(info: CheckpointInfo, dtype: torch.dtype) -> torch.nn.Module:
+    """The module for a checkpoint, weights loaded strictly, in ``dtype`` (head in float32)."""
+    if info.kind == "text":
+        from .models.llama_bidirectional import LlamaBidirectionalForSequenceClassification
+
+        with torch.device("meta"):
+            model = LlamaBidirectionalForSequenceClassification(info.config)
+        load_state_dict_strict(model, info.path, dtype=dtype, keep_float32=lambda k: k == "score.weight")
+        return model.eval()
+    from .models.nemotron_vl import build_vl_model
+
+    return build_vl_model(info, dtype)
+
+
+def load_reranker(
+    source: str,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    max_length: int | None = None,
+    max_batch_tokens: int = 16384,
+    apply_temperature: bool = False,
+    query_budget: int | None = None,
+) -> Reranker:
+    """Load a reranker from a local checkpoint directory or a Hugging Face hub id.
+
+    ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``. ``dtype``: ``None`` picks
+    bfloat16 on GPU and float32 on CPU. ``max_length``: the pair limit (default 8192 text, 10240 VL).
+    ``apply_temperature``: divide logits by the config's ``temperature`` (off: see the model module).
+    """
+    t0 = time.monotonic()
+    path = resolve_source(source, revision)
+    info = read_checkpoint_config(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    log.info("loading %s reranker from %s on %s in %s", info.kind, path, dev, str(dt).replace("torch.", ""))
+    limit = int(max_length or DEFAULT_MAX_LENGTH[info.kind])
+    tokenizer = PromptTokenizer(path, max_length=limit, query_budget=query_budget)
+    model = build_model(info, dt).to(dev)
+    cls = Reranker
+    if info.kind == "vl":
+        from .vl_reranker import VLReranker
+
+        cls = VLReranker
+    r = cls(info, model, tokenizer, dev, dt, max_batch_tokens, apply_temperature, source=source)
+    log.info("reranker ready in %.1f s", time.monotonic() - t0)
+    return r

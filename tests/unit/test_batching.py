@@ -1,0 +1,60 @@
+"""The pure packer: coverage, budgets, order, padding ratio."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from rerank_core.batching import pack, pad_ids
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_index_once_and_budget_held(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 1024) for _ in range(rng.randint(1, 400))]
+    plan = pack(lengths, max_tokens=8192, max_pairs=64)
+    seen = sorted(i for b in plan.batches for i in b.indices)
+    assert seen == list(range(len(lengths)))
+    for b in plan.batches:
+        assert b.max_len == max(lengths[i] for i in b.indices)
+        assert b.padded_tokens <= 8192 or len(b.indices) == 1
+        assert len(b.indices) <= 64
+        assert b.real_tokens == sum(lengths[i] for i in b.indices)
+    assert plan.real_tokens == sum(lengths)
+
+
+def test_oversized_item_gets_its_own_batch():
+    plan = pack([10, 5000, 20], max_tokens=1000)
+    assert any(b.indices == (1,) for b in plan.batches)
+
+
+def test_scatter_restores_input_order():
+    lengths = [5, 300, 17, 300, 2, 99]
+    plan = pack(lengths, max_tokens=320)
+    outs = [[float(lengths[i]) for i in b.indices] for b in plan.batches]
+    assert plan.scatter(outs).tolist() == [float(x) for x in lengths]
+
+
+def test_mixed_lengths_padding_ratio_is_small():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(64, 1025, size=512)
+    plan = pack(lengths.tolist(), max_tokens=16384)
+    assert plan.padding_ratio <= 1.10
+    naive = sum(max(lengths[i : i + 32]) * len(lengths[i : i + 32]) for i in range(0, 512, 32))
+    assert naive / lengths.sum() > plan.padding_ratio
+
+
+def test_tile_budget():
+    plan = pack([10] * 8, max_tokens=10_000, tiles=[7, 7, 1, 0, 7, 3, 0, 7], max_tiles=10)
+    for b in plan.batches:
+        assert b.tiles <= 10 or len(b.indices) == 1
+
+
+def test_pad_ids_left_and_right():
+    rows = [np.array([1, 2, 3]), np.array([4])]
+    ids, mask = pad_ids(rows, pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_ids(rows, pad_id=9, left=True)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -1,0 +1,134 @@
+"""Numerical evidence for the text cross-encoder: parity with a reference, batching and padding invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rerank_core import load_reranker
+from rerank_core.batching import pad_ids
+
+QUERY = "how much protein should a female eat?"
+DOCS = [
+    "As a general guideline, the CDC's average requirement of protein for women ages 19 to 70 is 46 grams per day. "
+    "But, as you can see from this chart, you'll need to increase that if you're expecting or training for a marathon.",
+    "Definition of summit for English Language Learners. : 1  the highest point of a mountain : the top of a mountain.",
+    "Calorie intake should not fall below 1,200 a day in women or 1,500 a day in men.",
+]
+MULTILINGUAL = [
+    "Eiweiß: Frauen brauchen etwa 46 Gramm pro Tag.",
+    "女性每天应摄入约46克蛋白质。",
+    "تحتاج المرأة إلى حوالي 46 غرامًا من البروتين يوميًا.",
+    "Белок: женщинам нужно около 46 граммов в день. 🥚🍗",
+    "protein",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_text):
+    from tests.reference import ReferenceTextReranker
+
+    return ReferenceTextReranker(tiny_text)
+
+
+@pytest.mark.parametrize(
+    "query,docs,max_length",
+    [
+        (QUERY, DOCS, 8192),
+        (QUERY, MULTILINGUAL, 8192),
+        ("protein", ["protein"], 8192),
+        (QUERY, [DOCS[0] * 6, DOCS[1], DOCS[2] * 3], 64),
+        (QUERY, [DOCS[0] * 6, DOCS[1], DOCS[2] * 3], 128),
+        ("女性蛋白质需求", [d * (k + 1) for k, d in enumerate(DOCS + MULTILINGUAL)], 8192),
+    ],
+    ids=["card-example", "multilingual", "single-word", "truncate-64", "truncate-128", "mixed-lengths"],
+)
+def test_parity_with_reference(text_reranker, reference, query, docs, max_length):
+    mine = np.array(text_reranker.score(query, docs, max_length=max_length))
+    ref = np.array(reference.score_pairs(query, docs, max_length=max_length))
+    assert np.abs(ref).max() > 0.05, "logits too small for the comparison to mean anything"
+    np.testing.assert_allclose(mine, ref, atol=1e-4, rtol=0)
+
+
+def test_tokens_match_transformers_tokenizer(text_reranker, reference):
+    """Our prompt ids equal transformers' tokenization of the template (BOS, no EOS, right truncation)."""
+    for max_length in (8192, 64, 17):
+        enc = text_reranker.encode(QUERY, DOCS + MULTILINGUAL, max_length=max_length)
+        for i, d in enumerate(DOCS + MULTILINGUAL):
+            ref = reference.tokenizer(
+                f"question:{QUERY} \n \n passage:{d}", truncation=True, max_length=max_length
+            )["input_ids"]
+            assert enc.pair(i).tolist() == ref
+
+
+def test_batched_equals_single(text_reranker):
+    docs = [d * k for k, d in enumerate(DOCS + MULTILINGUAL, start=1)]
+    batched = text_reranker.score(QUERY, docs)
+    single = [text_reranker.score(QUERY, [d])[0] for d in docs]
+    np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
+
+
+def test_tiny_token_budget_equals_large(tiny_text):
+    """Splitting into many micro-batches (budget of one pair each) changes nothing."""
+    small = load_reranker(tiny_text, device="cpu", max_batch_tokens=1)
+    large = load_reranker(tiny_text, device="cpu", max_batch_tokens=1 << 20)
+    docs = DOCS + MULTILINGUAL
+    np.testing.assert_allclose(small.score(QUERY, docs), large.score(QUERY, docs), atol=1e-5, rtol=0)
+
+
+def test_left_or_right_padding_changes_nothing(text_reranker):
+    enc = text_reranker.encode(QUERY, DOCS + MULTILINGUAL)
+    rows = [enc.pair(i) for i in range(len(enc.lengths))]
+    out = {}
+    for left in (False, True):
+        ids, mask = pad_ids(rows, text_reranker.pad_id, length=max(map(len, rows)) + 7, left=left)
+        with torch.inference_mode():
+            out[left] = text_reranker.model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    alone = np.array([text_reranker.forward_rows([r])[0] for r in rows])
+    np.testing.assert_allclose(out[False], out[True], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out[False], alone, atol=1e-5, rtol=0)
+
+
+def test_pad_token_values_do_not_leak(text_reranker):
+    """Whatever id sits under the padding, the logit is the same."""
+    enc = text_reranker.encode(QUERY, DOCS)
+    rows = [enc.pair(i) for i in range(len(enc.lengths))]
+    results = []
+    for pad in (0, 5, text_reranker.pad_id):
+        ids, mask = pad_ids(rows, pad)
+        with torch.inference_mode():
+            results.append(text_reranker.model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy())
+    np.testing.assert_allclose(results[0], results[1], atol=1e-6)
+    np.testing.assert_allclose(results[0], results[2], atol=1e-6)
+
+
+def test_temperature_not_applied_by_default(tiny_text):
+    """The config says temperature 0.2; the published references return the undivided head output."""
+    default = load_reranker(tiny_text, device="cpu")
+    assert default.info.config.temperature == pytest.approx(0.2)
+    divided = load_reranker(tiny_text, device="cpu", apply_temperature=True)
+    a = np.array(default.score(QUERY, DOCS))
+    b = np.array(divided.score(QUERY, DOCS))
+    np.testing.assert_allclose(b, a / 0.2, rtol=1e-5, atol=1e-6)
+
+
+def test_rerank_sorts_and_applies_sigmoid(text_reranker):
+    logits = text_reranker.score(QUERY, DOCS + MULTILINGUAL)
+    ranked = text_reranker.rerank(QUERY, DOCS + MULTILINGUAL)
+    assert [r.index for r in ranked] == list(np.argsort(-np.array(logits), kind="stable"))
+    for idx, logit, prob in ranked:
+        assert logit == pytest.approx(logits[idx], abs=1e-6)
+        assert prob == pytest.approx(1 / (1 + np.exp(-logit)), rel=1e-5)
+    assert len(text_reranker.rerank(QUERY, DOCS, top_n=2)) == 2
+
+
+def test_bf16_runs_and_stays_close(tiny_text):
+    """bf16 trunk with float32 pooling and head: close to float32 on a tiny model."""
+    r32 = load_reranker(tiny_text, device="cpu", dtype="float32")
+    r16 = load_reranker(tiny_text, device="cpu", dtype="bfloat16")
+    assert r16.model.score.weight.dtype == torch.float32
+    assert r16.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    a, b = np.array(r32.score(QUERY, DOCS)), np.array(r16.score(QUERY, DOCS))
+    assert np.abs(a - b).max() < 0.25
