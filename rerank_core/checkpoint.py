@@ -35,12 +35,14 @@ CHECKPOINT_PATTERNS = [
 ]
 
 
-def resolve_source(source: str, revision: str | None = None, cache_dir: str | None = None) -> str:
+def resolve_source(
+    source: str, revision: str | None = None, cache_dir: str | None = None, weights: bool = True
+) -> str:
     """Return a local directory holding the checkpoint named by ``source``.
 
     ``source`` is a local directory, or a hub id such as ``nvidia/llama-nemotron-rerank-1b-v2``, resolved
     with ``huggingface_hub`` from the local cache first and then from the network (unless
-    ``HF_HUB_OFFLINE=1``).
+    ``HF_HUB_OFFLINE=1``). ``weights=False`` fetches only configs and tokenizer files (preprocessing).
     """
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
@@ -52,6 +54,7 @@ def resolve_source(source: str, revision: str | None = None, cache_dir: str | No
             "Point `source` at a local checkpoint directory holding config.json, tokenizer.json and "
             "model.safetensors."
         )
+    patterns = CHECKPOINT_PATTERNS if weights else [p for p in CHECKPOINT_PATTERNS if "safetensors" not in p]
     tried = []
     try:
         from huggingface_hub import snapshot_download
@@ -59,7 +62,7 @@ def resolve_source(source: str, revision: str | None = None, cache_dir: str | No
         raise WeightsNotFound(f"{source}: huggingface_hub is not installed; use a local directory") from None
     try:
         path = snapshot_download(
-            source, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, cache_dir=cache_dir, local_files_only=True
+            source, revision=revision, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=True
         )
         log.info("model %s found in the local Hugging Face cache at %s", source, path)
         return path
@@ -71,7 +74,7 @@ def resolve_source(source: str, revision: str | None = None, cache_dir: str | No
         log.info("downloading %s (revision %s) from the Hugging Face hub", source, revision or "main")
         try:
             path = snapshot_download(
-                source, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, cache_dir=cache_dir, etag_timeout=10
+                source, revision=revision, allow_patterns=patterns, cache_dir=cache_dir, etag_timeout=10
             )
             log.info("downloaded %s in %.1f s to %s", source, time.monotonic() - t0, path)
             return path

@@ -82,7 +82,7 @@ class Reranker:
     def __init__(
         self,
         info: CheckpointInfo,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         tokenizer: PromptTokenizer,
         device: torch.device,
         dtype: torch.dtype,
@@ -127,6 +127,7 @@ class Reranker:
         truncate: str = "END",
         max_length: int | None = None,
         max_tokens_per_doc: int | None = None,
+        max_chunks: int | None = None,
     ) -> EncodedPairs:
         if not isinstance(query, str):
             raise InvalidInput("query must be a string", param="query")
@@ -134,12 +135,24 @@ class Reranker:
         if limit < 2:
             raise InvalidInput("max_length must be at least 2", param="max_length")
         return self.tokenizer.encode_text_pairs(
-            query, self._texts(documents), truncate=truncate, max_length=limit, max_tokens_per_doc=max_tokens_per_doc
+            query,
+            self._texts(documents),
+            truncate=truncate,
+            max_length=limit,
+            max_tokens_per_doc=max_tokens_per_doc,
+            max_chunks=max_chunks,
         )
 
     # -- forward -------------------------------------------------------------------------------------
-    def forward_rows(self, rows: Sequence[np.ndarray], **extra: Any) -> np.ndarray:
-        """Float32 logits, one per token row, in input order; packs rows under ``max_batch_tokens``."""
+    def forward_rows(
+        self, rows: Sequence[np.ndarray], tiles: Sequence[np.ndarray | None] | None = None
+    ) -> np.ndarray:
+        """Float32 logits, one per token row, in input order; packs rows under ``max_batch_tokens``.
+
+        ``tiles`` (VL model only): per row, its uint8 image tiles [T, S, S, 3] or None.
+        """
+        if tiles is not None and any(t is not None for t in tiles):
+            raise InvalidInput("this text model cannot score images", param="documents")
         if not rows:
             return np.zeros(0, dtype=np.float32)
         plan = pack([len(r) for r in rows], self.max_batch_tokens)
@@ -160,8 +173,10 @@ class Reranker:
         return t
 
     def forward_encoded(self, enc: EncodedPairs) -> np.ndarray:
-        rows = [enc.pair(i) for i in range(len(enc.lengths))]
-        return self.forward_rows(rows)
+        n = len(enc.lengths)
+        rows = [enc.pair(i) for i in range(n)]
+        tiles = None if enc.tiles is None else [enc.pair_tiles(i) for i in range(n)]
+        return self.forward_rows(rows, tiles)
 
     # -- finalize ------------------------------------------------------------------------------------
     @staticmethod
@@ -222,22 +237,24 @@ def load_reranker(
     max_batch_tokens: int = 16384,
     apply_temperature: bool = False,
     query_budget: int | None = None,
+    load_weights: bool = True,
 ) -> Reranker:
     """Load a reranker from a local checkpoint directory or a Hugging Face hub id.
 
     ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``. ``dtype``: ``None`` picks
     bfloat16 on GPU and float32 on CPU. ``max_length``: the pair limit (default 8192 text, 10240 VL).
     ``apply_temperature``: divide logits by the config's ``temperature`` (off: see the model module).
+    ``load_weights=False`` gives a reranker that can only ``encode`` (CPU preprocessing replicas).
     """
     t0 = time.monotonic()
-    path = resolve_source(source, revision)
+    path = resolve_source(source, revision, weights=load_weights)
     info = read_checkpoint_config(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     log.info("loading %s reranker from %s on %s in %s", info.kind, path, dev, str(dt).replace("torch.", ""))
     limit = int(max_length or DEFAULT_MAX_LENGTH[info.kind])
     tokenizer = PromptTokenizer(path, max_length=limit, query_budget=query_budget)
-    model = build_model(info, dt).to(dev)
+    model = build_model(info, dt).to(dev) if load_weights else None
     cls = Reranker
     if info.kind == "vl":
         from .vl_reranker import VLReranker

@@ -54,7 +54,11 @@ class EncodedPairs:
     num_docs: int
     truncated: list[int] = field(default_factory=list)  # documents cut to fit
     query_truncated: bool = False
-    warnings: list[str] = field(default_factory=list)
+    # (document index or None for the query, what happened): rendered by ``warnings``
+    notes: list[tuple[int | None, str]] = field(default_factory=list)
+    # VL only: uint8 image tiles [sum(num_tiles), S, S, 3] of every pair, pair after pair; num_tiles [pairs]
+    tiles: np.ndarray | None = None
+    num_tiles: np.ndarray | None = None
 
     @property
     def offsets(self) -> np.ndarray:
@@ -63,6 +67,17 @@ class EncodedPairs:
     def pair(self, i: int) -> np.ndarray:
         o = int(self.offsets[i])
         return self.ids[o : o + int(self.lengths[i])]
+
+    def warnings(self, doc_offset: int = 0) -> list[str]:
+        """Human-readable notes; ``doc_offset`` shifts document numbers (for a chunk of a larger request)."""
+        return [msg if i is None else f"document {i + doc_offset} {msg}" for i, msg in self.notes]
+
+    def pair_tiles(self, i: int) -> np.ndarray | None:
+        """Pair i's tiles [T, S, S, 3], or None for a text-only pair."""
+        if self.tiles is None or self.num_tiles is None or not self.num_tiles[i]:
+            return None
+        start = int(self.num_tiles[:i].sum())
+        return self.tiles[start : start + int(self.num_tiles[i])]
 
     @property
     def total_tokens(self) -> int:
@@ -126,7 +141,9 @@ class PromptTokenizer:
     def _budget(self, max_length: int) -> int:
         return self.query_budget if self.query_budget is not None else max_length // 2
 
-    def _fit_query(self, query: str, max_length: int, truncate: str, warnings: list[str]) -> tuple[str, bool]:
+    def _fit_query(
+        self, query: str, max_length: int, truncate: str, notes: list[tuple[int | None, str]]
+    ) -> tuple[str, bool]:
         budget = self._budget(max_length)
         q_len = self.count_tokens(query)
         if q_len <= budget:
@@ -135,7 +152,7 @@ class PromptTokenizer:
             raise InputTooLong(
                 f"Query length {q_len} exceeds the query budget of {budget} tokens (truncate is NONE)", param="query"
             )
-        warnings.append(f"query truncated to {budget} tokens")
+        notes.append((None, f"query truncated to {budget} tokens"))
         return self._cut_text(query, budget)[0], True
 
     # -- text pairs ----------------------------------------------------------------------------------
@@ -147,8 +164,8 @@ class PromptTokenizer:
         max_length: int | None = None,
         max_tokens_per_doc: int | None = None,
         chunk_overlap: float = 0.125,
+        max_chunks: int | None = None,
         prefix_ids: list[list[int]] | None = None,
-        suffix_texts: list[str] | None = None,
     ) -> EncodedPairs:
         """Token ids for ``question:{query} \\n \\n passage:{doc}`` with BOS, for every document.
 
@@ -157,8 +174,8 @@ class PromptTokenizer:
         """
         truncate = normalize_truncate(truncate)
         max_length = int(max_length or self.max_length)
-        warnings: list[str] = []
-        query, q_cut = self._fit_query(query, max_length, truncate, warnings)
+        notes: list[tuple[int | None, str]] = []
+        query, q_cut = self._fit_query(query, max_length, truncate, notes)
         n = len(documents)
         prefix_ids = prefix_ids or [[] for _ in range(n)]
         truncated: list[int] = []
@@ -168,7 +185,7 @@ class PromptTokenizer:
                 d2, cut = self._cut_text(d, int(max_tokens_per_doc))
                 if cut:
                     truncated.append(i)
-                    warnings.append(f"document {i} truncated to max_tokens_per_doc={max_tokens_per_doc} tokens")
+                    notes.append((i, f"truncated to max_tokens_per_doc={max_tokens_per_doc} tokens"))
                 cut_docs.append(d2)
             documents = cut_docs
         prompts = [(" " if prefix_ids[i] else "") + text_prompt(query, d) for i, d in enumerate(documents)]
@@ -197,12 +214,16 @@ class PromptTokenizer:
                 pieces.append((head + enc.ids)[:max_length])
                 doc_index.append(i)
                 truncated.append(i)
-                warnings.append(f"document {i} truncated to {max_length} tokens")
+                notes.append((i, f"truncated to {max_length} tokens"))
                 continue
-            for chunk in self._chunks(query, documents[i], head, max_length, chunk_overlap, bool(prefix_ids[i])):
+            chunks = self._chunks(query, documents[i], head, max_length, chunk_overlap, bool(prefix_ids[i]))
+            if max_chunks is not None and len(chunks) > max_chunks:
+                chunks = chunks[:max_chunks]
+                notes.append((i, f"scored on its first {max_chunks} chunks only (max_chunks_per_doc)"))
+            for chunk in chunks:
                 pieces.append(chunk)
                 doc_index.append(i)
-            warnings.append(f"document {i} split into {doc_index.count(i)} chunks of at most {max_length} tokens")
+            notes.append((i, f"split into {doc_index.count(i)} chunks of at most {max_length} tokens"))
         lengths = np.fromiter((len(p) for p in pieces), dtype=np.int32, count=len(pieces))
         ids = np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=int(lengths.sum()))
         return EncodedPairs(
@@ -212,7 +233,7 @@ class PromptTokenizer:
             num_docs=n,
             truncated=sorted(set(truncated)),
             query_truncated=q_cut,
-            warnings=warnings,
+            notes=notes,
         )
 
     def _fixed_len(self, query: str, leading_space: bool) -> int:

@@ -45,7 +45,7 @@ def test_truncate_end_cuts_passage_tail(tok):
     enc = tok.encode_text_pairs("short query", [doc, "tiny"], max_length=64)
     assert enc.lengths.tolist()[0] == 64
     assert enc.truncated == [0]
-    assert any("document 0 truncated to 64" in w for w in enc.warnings)
+    assert any("document 0 truncated to 64" in w for w in enc.warnings())
     full = tok.encode_text_pairs("short query", [doc]).pair(0).tolist()
     assert enc.pair(0).tolist() == full[:64]
     assert enc.lengths[1] < 64
@@ -59,7 +59,7 @@ def test_truncate_none_errors_with_lengths(tok):
 
 def test_truncate_none_accepts_fitting_pairs(tok):
     enc = tok.encode_text_pairs("q", ["short"], truncate="NONE", max_length=64)
-    assert enc.truncated == [] and enc.warnings == []
+    assert enc.truncated == [] and enc.warnings() == []
 
 
 def test_query_budget_keeps_room_for_the_passage(tok):
@@ -67,7 +67,7 @@ def test_query_budget_keeps_room_for_the_passage(tok):
     enc = tok.encode_text_pairs(long_query, ["the passage text"], max_length=128)
     ids = enc.pair(0).tolist()
     assert len(ids) <= 128
-    assert enc.query_truncated and any("query truncated to 64" in w for w in enc.warnings)
+    assert enc.query_truncated and any("query truncated to 64" in w for w in enc.warnings())
     text = tok.plain.decode(ids[1:])
     assert text.endswith("passage:the passage text")
 
@@ -99,7 +99,7 @@ def test_chunk_strategy_covers_the_passage(tok):
     seen = " ".join(tok.plain.decode(enc.pair(i).tolist()[1:]) for i in range(len(enc.lengths)))
     for w in words:  # every word of the passage lands in some chunk
         assert f"{w} " in seen + " " or seen.endswith(w)
-    assert any("split into" in w for w in enc.warnings)
+    assert any("split into" in w for w in enc.warnings())
 
 
 def test_unknown_truncate_mode(tok):

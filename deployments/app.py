@@ -1,0 +1,99 @@
+"""``build_app(args)``: the one entry point of serve_config.yaml (``import_path: deployments.app:build_app``).
+
+Per served model it binds a CPU ``Preprocess`` deployment and a ``Scorer`` deployment (a GPU fraction,
+or CPU when ``accelerator`` resolves to cpu), and one ``Ingress`` over all of them:
+
+    Ingress -> Preprocess-<name>.prepare  --(EncodedPairs, passed un-awaited)-->  Scorer-<name>.score
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve.config import BackpressureConfig
+
+from .config import AppArgs, DeploymentArgs, ScorerArgs, to_serve_autoscaling
+from .ingress import Ingress
+from .preprocess import Preprocess
+from .scorer import Scorer
+
+log = logging.getLogger("ray.serve")
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def resolve_accelerator(args: AppArgs) -> bool:
+    """True if scorers should ask for GPUs."""
+    if args.accelerator == "auto":
+        return cluster_has_gpus()
+    return args.accelerator == "gpu"
+
+
+def deployment_options(
+    d: DeploymentArgs, default_ongoing: int, default_target: float, num_gpus: float = 0.0
+) -> dict[str, Any]:
+    """Serve options of one deployment: resources, scaling, and the bounded queue (503 + Retry-After)."""
+    actor: dict[str, Any] = {"num_cpus": d.num_cpus}
+    if num_gpus:
+        actor["num_gpus"] = num_gpus
+    if d.memory_gb:
+        actor["memory"] = int(d.memory_gb * 1024**3)
+    opts: dict[str, Any] = {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": d.max_ongoing_requests or default_ongoing,
+        "max_queued_requests": d.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1),
+    }
+    if d.num_replicas is not None:
+        opts["num_replicas"] = d.num_replicas
+    elif d.autoscaling is not None:
+        opts["autoscaling_config"] = to_serve_autoscaling(d.autoscaling, default_target)
+    else:
+        opts["num_replicas"] = 1
+    return opts
+
+
+def scorer_defaults(s: ScorerArgs) -> tuple[int, float]:
+    """max_ongoing_requests and the autoscaling target, derived from the batch settings.
+
+    A replica must be able to hold a full batch per concurrent batch (each queued chunk counts at least one
+    budget unit), plus as much again waiting, so the next batch is ready when the current one ends. The
+    autoscaler aims at one full batch of work per replica.
+    """
+    units = max(1, s.max_batch_tokens // s.batch_token_unit)
+    max_ongoing = units * s.max_concurrent_batches * 2
+    target = max(1.0, units * s.max_concurrent_batches / 4)
+    return max_ongoing, target
+
+
+def build_app(args: dict | AppArgs) -> serve.Application:
+    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    use_gpu = resolve_accelerator(cfg)
+    log.info("building rerank app: %d model(s), accelerator=%s -> %s", len(cfg.models), cfg.accelerator,
+             "gpu" if use_gpu else "cpu")
+    limits = cfg.limits.model_dump()
+    handles: dict[str, dict[str, Any]] = {}
+    for m in cfg.models:
+        name = m.deployment_name
+        margs = m.model_dump()
+        pre = Preprocess.options(name=f"Preprocess-{name}", **deployment_options(m.preprocess, 32, 8)).bind(
+            margs, limits
+        )
+        ongoing, target = scorer_defaults(m.scorer)
+        num_gpus = m.scorer.num_gpus if use_gpu else 0.0
+        scorer = Scorer.options(
+            name=f"Scorer-{name}", **deployment_options(m.scorer, ongoing, target, num_gpus)
+        ).bind(margs, m.scorer.model_dump(), use_gpu)
+        handles[m.id] = {"preprocess": pre, "scorer": scorer}
+    ingress = Ingress.options(name="Ingress", **deployment_options(cfg.ingress, 256, 64)).bind(
+        cfg.model_dump(), handles
+    )
+    return ingress

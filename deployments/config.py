@@ -1,0 +1,271 @@
+"""The application's arguments: the ``args`` block of ``serve_config.yaml``, validated.
+
+Every field has a description; together they are the operator's manual (``python -m deployments.docs``
+prints them as the config reference). Unknown keys are rejected so typos fail at deploy time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingArgs(_Strict):
+    """Serve autoscaling for one deployment (a subset of ``ray.serve.config.AutoscalingConfig``)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets the deployment scale to zero.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (default: min_replicas).")
+    target_ongoing_requests: float | None = Field(
+        None,
+        gt=0,
+        description="Ongoing requests per replica the autoscaler aims for. Default: derived from the batch "
+        "size (scorer) or 4 (preprocess, ingress), not Serve's default of 2, which would keep batches small.",
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before adding replicas.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Seconds load must stay low before removing replicas.")
+    look_back_period_s: float = Field(
+        20.0, gt=0, description="Window over which load is averaged (more than Serve's 10 s metrics interval)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingArgs":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class DeploymentArgs(_Strict):
+    """Resources and scaling of one deployment."""
+
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed replica count. Leave unset to use `autoscaling` (one of the two)."
+    )
+    autoscaling: AutoscalingArgs | None = Field(None, description="Autoscaling; used when num_replicas is unset.")
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs each replica reserves.")
+    memory_gb: float | None = Field(None, gt=0, description="Memory each replica reserves (GiB), if set.")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests a replica works on at once. Default: derived from the batch settings."
+    )
+    max_queued_requests: int = Field(
+        256,
+        ge=-1,
+        description="Requests each caller may queue for this deployment before new ones are refused with "
+        "503 and Retry-After (-1: unbounded; not recommended).",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "DeploymentArgs":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+
+class ScorerArgs(DeploymentArgs):
+    """The GPU scoring deployment of one model."""
+
+    num_gpus: float = Field(
+        0.5,
+        ge=0,
+        le=8,
+        description="GPU fraction per scorer replica when the app runs on GPUs (0.5 = two replicas share a GPU; "
+        "use 1/n). Ignored (0) when `accelerator` resolves to cpu.",
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=256, description="Padded-token budget of one forward pass (pairs x longest pair)."
+    )
+    max_batch_tiles: int = Field(64, ge=1, description="Image tiles per forward pass (VL model).")
+    batch_token_unit: int = Field(
+        256,
+        ge=1,
+        description="Granularity of the token budget in Serve's batch queue: max_batch_size = "
+        "max_batch_tokens / batch_token_unit, and each queued chunk counts ceil(tokens / unit).",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long a batch waits for more pairs once its first chunk arrived."
+    )
+    max_concurrent_batches: int = Field(
+        1, ge=1, description="Batches a replica runs at once (2 overlaps host work with the GPU forward pass)."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch in a CPU-only scorer (default: num_cpus, at least 1)."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile on GPU (slower start, faster steps).")
+
+
+class ModelArgs(_Strict):
+    """One served model."""
+
+    id: str = Field(..., min_length=1, description="Model id clients send in `model` and see in /v1/models.")
+    aliases: list[str] = Field(default_factory=list, description="Other ids accepted for this model.")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Short name used in deployment names (Preprocess-<name>, Scorer-<name>). Default: "
+        "derived from `id`.",
+    )
+    source: str = Field(
+        ...,
+        min_length=1,
+        description="Where the weights are: a Hugging Face hub id (owner/name, downloaded into the HF cache on "
+        "first start) or a local checkpoint directory. Pointing the app at other weights means editing this.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `source` is a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Trunk dtype: auto = bfloat16 on GPU, float32 on CPU. Pooling and head are float32."
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Longest (query, document) pair in tokens, BOS and image tokens included. "
+        "Default: 8192 for text models, 10240 for the VL model.",
+    )
+    query_max_tokens: int = Field(
+        2048, ge=1, description="Longest query in tokens; a longer query is a 400 error."
+    )
+    query_budget: int | None = Field(
+        None,
+        ge=1,
+        description="With truncate=END, the query keeps at most this many tokens so the passage keeps room "
+        "(default: half of max_tokens).",
+    )
+    max_tiles: int | None = Field(
+        None, ge=1, le=40, description="VL model: most image tiles per image (default: processor_config.json, 6)."
+    )
+    apply_temperature: bool = Field(
+        False,
+        description="Divide logits by the config's `temperature`. Off by default: the published references "
+        "return the undivided head output.",
+    )
+    preprocess: DeploymentArgs = Field(
+        default_factory=lambda: DeploymentArgs(
+            num_replicas=None, autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=4)
+        ),
+        description="CPU preprocessing replicas (prompts, tokens, truncation, image tiles).",
+    )
+    scorer: ScorerArgs = Field(
+        default_factory=lambda: ScorerArgs(autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=4)),
+        description="Scoring replicas (GPU fractions, or CPU when accelerator resolves to cpu).",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _no_secrets(cls, v: str) -> str:
+        if v.startswith(("http://", "https://")):
+            raise ValueError("source must be a hub id or a local directory, not a URL")
+        return v
+
+    @property
+    def deployment_name(self) -> str:
+        if self.name:
+            return self.name
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", self.id.split("/")[-1]).strip("-")
+        return slug or "model"
+
+    @property
+    def all_ids(self) -> list[str]:
+        return [self.id, *self.aliases]
+
+
+class LimitsArgs(_Strict):
+    """Request limits; requests over them get a clear 400 or 413."""
+
+    max_documents: int = Field(1000, ge=1, description="Documents (passages) per request.")
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Request body size, checked before the body is parsed (413)."
+    )
+    max_document_chars: int = Field(200_000, ge=1, description="Characters per document text.")
+    max_query_chars: int = Field(20_000, ge=1, description="Characters in the query.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Bytes per decoded image (413).")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Pixels (width x height) per image (413).")
+    max_images_per_request: int = Field(64, ge=0, description="Images per request.")
+    docs_per_chunk: int = Field(
+        16,
+        ge=1,
+        description="A request's documents are scored in chunks of at most this many, so a large request "
+        "spreads over replicas and shares batches with small ones.",
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Scoring that has not finished after this long is cancelled (504)."
+    )
+
+
+class AuthArgs(_Strict):
+    """API keys. The keys themselves never live in this file."""
+
+    api_keys_env: str | None = Field(
+        "RERANK_API_KEYS",
+        description="Environment variable holding accepted Bearer keys, comma- or newline-separated.",
+    )
+    api_keys_file: str | None = Field(
+        None, description="File holding accepted Bearer keys, one per line (e.g. a mounted Kubernetes Secret)."
+    )
+    reload_s: float = Field(5.0, gt=0, description="How often the keys file is checked for changes (seconds).")
+
+
+class HttpArgs(_Strict):
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty = CORS off (the default)."
+    )
+
+
+class AppArgs(_Strict):
+    """The ``args`` of the application in serve_config.yaml, passed to ``deployments.app:build_app``."""
+
+    models: list[ModelArgs] = Field(..., min_length=1, description="Served models; the first is the default.")
+    default_model: str | None = Field(
+        None, description="Model id used when a request names none (default: the first model)."
+    )
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto",
+        description="auto: ask for GPUs only when the Ray cluster has some at deploy time (so the same file runs "
+        "on a laptop); gpu: always (KubeRay with an autoscaling GPU group); cpu: never.",
+    )
+    ingress: DeploymentArgs = Field(
+        default_factory=lambda: DeploymentArgs(num_replicas=None, autoscaling=AutoscalingArgs(max_replicas=2)),
+        description="The HTTP ingress replicas.",
+    )
+    limits: LimitsArgs = Field(default_factory=LimitsArgs, description="Request limits.")
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="Where API keys come from.")
+    http: HttpArgs = Field(default_factory=HttpArgs, description="HTTP behaviour (CORS).")
+    log_requests: bool = Field(True, description="One structured log line per request (never text or keys).")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AppArgs":
+        seen: dict[str, str] = {}
+        for m in self.models:
+            for i in m.all_ids:
+                if i in seen:
+                    raise ValueError(f"model id or alias {i!r} is used twice")
+                seen[i] = m.id
+        names = [m.deployment_name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model deployment names must differ: {names}; set `name` on each model")
+        if self.default_model and self.default_model not in seen:
+            raise ValueError(f"default_model {self.default_model!r} is not a served model id")
+        return self
+
+    def model_for(self, requested: str | None) -> ModelArgs | None:
+        wanted = requested or self.default_model or self.models[0].id
+        for m in self.models:
+            if wanted in m.all_ids:
+                return m
+        return None
+
+
+def to_serve_autoscaling(a: AutoscalingArgs, target: float) -> dict[str, Any]:
+    return {
+        "min_replicas": a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "initial_replicas": a.initial_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests or target,
+        "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s,
+        "look_back_period_s": a.look_back_period_s,
+    }

@@ -1,0 +1,152 @@
+"""Scoring replicas: pairs from many requests, batched under a token budget, -> float32 logits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from rerank_core import load_reranker
+from rerank_core.batching import pack
+from rerank_core.tokenization import EncodedPairs
+
+from .config import ModelArgs, ScorerArgs
+from .messages import ScoredChunk
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class _Item:
+    enc: EncodedPairs
+    units: int  # this chunk's share of the batch budget
+    enqueued: float
+
+
+def _units(items: list[_Item]) -> int:
+    return sum(i.units for i in items)
+
+
+def pick_device(wants_gpu: bool) -> str:
+    """cuda when Ray gave this replica a GPU and torch can see it; else cpu (logical GPUs in tests)."""
+    if wants_gpu and torch.cuda.is_available():
+        return "cuda"
+    if wants_gpu:
+        log.warning(
+            "scorer was given GPU %s by Ray but torch sees no CUDA device; running on CPU",
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
+    return "cpu"
+
+
+@serve.deployment
+class Scorer:
+    """Holds one model; ``score(EncodedPairs)`` joins a token-budget batch shared by concurrent requests.
+
+    Serve's batch queue counts each queued chunk as ``ceil(tokens / unit)`` (capped at the budget, so one
+    big chunk forms a batch on its own); the batch is then packed by ``rerank_core.batching.pack``,
+    longest first, into forward passes of at most ``max_batch_tokens`` padded tokens.
+    """
+
+    def __init__(self, model: dict, scorer: dict, use_gpu: bool):
+        self.model_args = ModelArgs.model_validate(model)
+        self.cfg = ScorerArgs.model_validate(scorer)
+        device = pick_device(use_gpu and bool(ray.get_gpu_ids()))
+        if device == "cpu":
+            threads = self.cfg.torch_threads or max(1, int(round(self.cfg.num_cpus)))
+            torch.set_num_threads(threads)
+        m = self.model_args
+        t0 = time.monotonic()
+        self.reranker = load_reranker(
+            m.source,
+            device=device,
+            dtype=m.dtype,
+            revision=m.revision,
+            max_length=m.max_tokens,
+            max_batch_tokens=self.cfg.max_batch_tokens,
+            apply_temperature=m.apply_temperature,
+            query_budget=m.query_budget,
+        )
+        if hasattr(self.reranker, "max_batch_tiles"):
+            self.reranker.max_batch_tiles = self.cfg.max_batch_tiles
+        if self.cfg.compile and device == "cuda":
+            self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
+        self.unit = self.cfg.batch_token_unit
+        self.max_units = max(1, self.cfg.max_batch_tokens // self.unit)
+        self._batched = serve.batch(
+            max_batch_size=self.max_units,
+            batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+            max_concurrent_batches=self.cfg.max_concurrent_batches,
+            batch_size_fn=_units,
+        )(self._run_batch)
+        self._warm_up()
+        self._ready = True
+        log.info(
+            "scorer for %s ready on %s (%s) in %.1f s; batch budget %d tokens",
+            m.id,
+            device,
+            str(self.reranker.dtype).replace("torch.", ""),
+            time.monotonic() - t0,
+            self.cfg.max_batch_tokens,
+        )
+
+    def _warm_up(self) -> None:
+        """One tiny forward pass so the first user request does not pay for lazy initialisation."""
+        enc = self.reranker.encode("warm up", ["warm up"])
+        self.reranker.forward_encoded(enc)
+
+    async def score(self, enc: EncodedPairs) -> ScoredChunk:
+        units = min(self.max_units, max(1, math.ceil(enc.total_tokens / self.unit)))
+        return await self._batched(_Item(enc, units, time.monotonic()))
+
+    async def _run_batch(self, items: list[_Item]) -> list[ScoredChunk]:
+        start = time.monotonic()
+        rows, tiles, owners = [], [], []
+        for k, it in enumerate(items):
+            for p in range(len(it.enc.lengths)):
+                rows.append(it.enc.pair(p))
+                tiles.append(it.enc.pair_tiles(p))
+                owners.append(k)
+        has_tiles = any(t is not None for t in tiles)
+        plan = pack([len(r) for r in rows], self.cfg.max_batch_tokens)
+        logits = await asyncio.to_thread(self.reranker.forward_rows, rows, tiles if has_tiles else None)
+        forward_ms = (time.monotonic() - start) * 1000
+        owners_arr = np.asarray(owners)
+        out = []
+        for k, it in enumerate(items):
+            pair_logits = logits[owners_arr == k]
+            out.append(
+                ScoredChunk(
+                    logits=self.reranker.finalize(it.enc, pair_logits),
+                    tokens=it.enc.total_tokens,
+                    notes=it.enc.notes,
+                    truncated=it.enc.truncated,
+                    pairs=len(it.enc.lengths),
+                    padded_tokens=plan.padded_tokens,
+                    queue_ms=(start - it.enqueued) * 1000,
+                    forward_ms=forward_ms,
+                )
+            )
+        return out
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def stats(self) -> dict:
+        return {
+            "device": str(self.reranker.device),
+            "dtype": str(self.reranker.dtype),
+            "torch_threads": torch.get_num_threads(),
+            "max_batch_tokens": self.cfg.max_batch_tokens,
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
