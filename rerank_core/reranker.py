@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .batching import pack, pad_ids
+from .batching import PackPlan, pack, pad_ids
 from .checkpoint import load_state_dict_strict, resolve_source
 from .config import CheckpointInfo, read_checkpoint_config
 from .errors import InvalidInput
@@ -144,23 +144,32 @@ class Reranker:
         )
 
     # -- forward -------------------------------------------------------------------------------------
-    def forward_rows(
-        self, rows: Sequence[np.ndarray], tiles: Sequence[np.ndarray | None] | None = None
-    ) -> np.ndarray:
-        """Float32 logits, one per token row, in input order; packs rows under ``max_batch_tokens``.
-
-        ``tiles`` (VL model only): per row, its uint8 image tiles [T, S, S, 3] or None.
-        """
+    def plan_rows(self, rows: Sequence[np.ndarray], tiles: Sequence[np.ndarray | None] | None = None) -> PackPlan:
+        """Micro-batches for these token rows under ``max_batch_tokens`` (longest first)."""
         if tiles is not None and any(t is not None for t in tiles):
             raise InvalidInput("this text model cannot score images", param="documents")
+        return pack([len(r) for r in rows], self.max_batch_tokens)
+
+    def forward_rows(
+        self,
+        rows: Sequence[np.ndarray],
+        tiles: Sequence[np.ndarray | None] | None = None,
+        plan: PackPlan | None = None,
+    ) -> np.ndarray:
+        """Float32 logits, one per token row, in input order.
+
+        ``tiles`` (VL model only): per row, its uint8 image tiles [T, S, S, 3] or None. ``plan``: the
+        micro-batches from ``plan_rows`` (computed here when not given).
+        """
         if not rows:
             return np.zeros(0, dtype=np.float32)
-        plan = pack([len(r) for r in rows], self.max_batch_tokens)
-        outputs = [self._forward_batch([rows[i] for i in b.indices]) for b in plan.batches]
+        tiles = list(tiles) if tiles is not None else [None] * len(rows)
+        plan = plan or self.plan_rows(rows, tiles)
+        outputs = [self._forward_batch([rows[i] for i in b.indices], [tiles[i] for i in b.indices]) for b in plan.batches]
         return plan.scatter(outputs)
 
     @torch.inference_mode()
-    def _forward_batch(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+    def _forward_batch(self, rows: Sequence[np.ndarray], tiles: Sequence[np.ndarray | None]) -> np.ndarray:
         ids, mask = pad_ids(rows, self.pad_id)
         ids_t, mask_t = self._to_device(ids), self._to_device(mask)
         logits = self.model(ids_t, mask_t, apply_temperature=self.apply_temperature)
@@ -238,6 +247,7 @@ def load_reranker(
     apply_temperature: bool = False,
     query_budget: int | None = None,
     load_weights: bool = True,
+    **kwargs: Any,
 ) -> Reranker:
     """Load a reranker from a local checkpoint directory or a Hugging Face hub id.
 
@@ -245,6 +255,7 @@ def load_reranker(
     bfloat16 on GPU and float32 on CPU. ``max_length``: the pair limit (default 8192 text, 10240 VL).
     ``apply_temperature``: divide logits by the config's ``temperature`` (off: see the model module).
     ``load_weights=False`` gives a reranker that can only ``encode`` (CPU preprocessing replicas).
+    Other keyword arguments go to the reranker class (VL: ``image_limits``, ``max_batch_tiles``).
     """
     t0 = time.monotonic()
     path = resolve_source(source, revision, weights=load_weights)
@@ -260,6 +271,6 @@ def load_reranker(
         from .vl_reranker import VLReranker
 
         cls = VLReranker
-    r = cls(info, model, tokenizer, dev, dt, max_batch_tokens, apply_temperature, source=source)
+    r = cls(info, model, tokenizer, dev, dt, max_batch_tokens, apply_temperature, source=source, **kwargs)
     log.info("reranker ready in %.1f s", time.monotonic() - t0)
     return r

@@ -50,3 +50,11 @@ def text_reranker(tiny_text):
     from rerank_core import load_reranker
 
     return load_reranker(tiny_text, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory, llama3_vl_tokenizer_dir) -> str:
+    """Tiny VL reranker (published layout, tiny SigLIP and Llama) with the real VL tokenizer, float32."""
+    from rerank_core.tiny import make_tiny
+
+    return make_tiny("vl", str(tmp_path_factory.mktemp("tiny-vl")), tokenizer=llama3_vl_tokenizer_dir)
