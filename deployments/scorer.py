@@ -15,7 +15,6 @@ import torch
 from ray import serve
 
 from rerank_core import load_reranker
-from rerank_core.batching import pack
 from rerank_core.tokenization import EncodedPairs
 
 from .config import ModelArgs, ScorerArgs
@@ -75,7 +74,7 @@ class Scorer:
             apply_temperature=m.apply_temperature,
             query_budget=m.query_budget,
         )
-        if hasattr(self.reranker, "max_batch_tiles"):
+        if self.reranker.kind == "vl":
             self.reranker.max_batch_tiles = self.cfg.max_batch_tiles
         if self.cfg.compile and device == "cuda":
             self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
@@ -115,9 +114,8 @@ class Scorer:
                 rows.append(it.enc.pair(p))
                 tiles.append(it.enc.pair_tiles(p))
                 owners.append(k)
-        has_tiles = any(t is not None for t in tiles)
-        plan = pack([len(r) for r in rows], self.cfg.max_batch_tokens)
-        logits = await asyncio.to_thread(self.reranker.forward_rows, rows, tiles if has_tiles else None)
+        plan = self.reranker.plan_rows(rows, tiles)
+        logits = await asyncio.to_thread(self.reranker.forward_rows, rows, tiles, plan)
         forward_ms = (time.monotonic() - start) * 1000
         owners_arr = np.asarray(owners)
         out = []

@@ -61,7 +61,7 @@ class Service:
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
