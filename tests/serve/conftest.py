@@ -67,7 +67,7 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def service(ray_cluster, tiny_text, tmp_path_factory) -> Service:
+def service(ray_cluster, tiny_text, tiny_vl, tmp_path_factory) -> Service:
     from ray import serve
 
     from deployments.app import build_app
@@ -76,7 +76,7 @@ def service(ray_cluster, tiny_text, tmp_path_factory) -> Service:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     keys_file = tmp_path_factory.mktemp("auth") / "keys"
     keys_file.write_text("")
-    sources = {"text": tiny_text}
+    sources = {"text": tiny_text, "vl": tiny_vl}
     serve.run(build_app(config_args(sources, str(keys_file))), name="rerank", route_prefix="/")
     svc = Service(f"http://127.0.0.1:{port}", keys_file, sources)
     yield svc

@@ -614,7 +614,7 @@ def test_module_is_pure():
 
 # ------------------------------------------------------------------------------------------ normalisation
 def test_bf16_table_matches_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     x = torch.arange(256, dtype=torch.uint8).float().div(255).sub(0.5).div(0.5)  # ToTensor + Normalize
     expected = x.to(torch.bfloat16).float().numpy()
     assert BF16_PIXEL_TABLE.dtype == np.float32 and BF16_PIXEL_TABLE.shape == (256,)
@@ -626,7 +626,7 @@ def test_bf16_table_matches_torch():
 
 
 def test_bf16_round_matches_torch_including_ties():
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(RNG_SEED)
     x = rng.standard_normal(100_000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 100_000)
     bits = rng.integers(0, 2**32, 20_000, dtype=np.uint64).astype(np.uint32)
@@ -655,7 +655,7 @@ def test_normalize_tiles_reference():
     assert out.dtype == np.float32 and out.shape == (4, 3, S, S) and out.flags.c_contiguous
     assert out.min() >= -1.0 and out.max() <= 1.0
     assert np.array_equal(out[2, 1], BF16_PIXEL_TABLE[arr[2, :, :, 1]])
-    torch = pytest.importorskip("torch")
+    import torch
     ref = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5).to(torch.bfloat16).float()
     assert np.array_equal(out, ref.numpy())
     with pytest.raises(ValueError):
