@@ -1,11 +1,21 @@
-"""Shared fixtures: tiny checkpoints in the published layouts, built once per session."""
+"""Shared fixtures: tiny checkpoints in the published layouts, and one local Ray cluster per session
+running the real serve_config.yaml against them (built lazily, only by the tests that ask for it).
+
+The cluster declares logical resources (8 CPUs, 1 GPU) so the config's replicas schedule on a 2-core
+machine and the GPU code path is exercised (torch sees no CUDA, so scorers fall back to CPU).
+"""
 
 from __future__ import annotations
 
+import copy
 import os
+import socket
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RERANK_SHARED_DIR", REPO.parent / "shared"))
@@ -58,3 +68,68 @@ def tiny_vl(tmp_path_factory, llama3_vl_tokenizer_dir) -> str:
     from rerank_core.tiny import make_tiny
 
     return make_tiny("vl", str(tmp_path_factory.mktemp("tiny-vl")), tokenizer=llama3_vl_tokenizer_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_args(sources: dict[str, str], keys_file: str | None = None) -> dict:
+    """The real serve_config.yaml args with model sources replaced (and auth pointed at a test file)."""
+    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    args = copy.deepcopy(cfg["applications"][0]["args"])
+    for m in args["models"]:
+        m["source"] = sources[m["name"]]
+    if keys_file is not None:
+        args["auth"]["api_keys_file"] = keys_file
+        args["auth"]["reload_s"] = 0.2
+    return args
+
+
+class Service:
+    def __init__(self, base_url: str, keys_file: Path, sources: dict[str, str]):
+        self.base_url = base_url
+        self.keys_file = keys_file
+        self.sources = sources
+        self.client = httpx.Client(base_url=base_url, timeout=120)
+
+    def set_keys(self, keys: list[str]) -> None:
+        """Write the API keys file and wait until the ingress has picked it up."""
+        self.keys_file.write_text("\n".join(keys) + "\n")
+        os.utime(self.keys_file)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            r = self.client.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
+            if (r.status_code == 401) == bool(keys):
+                return
+            time.sleep(0.2)
+        raise AssertionError("the ingress did not reload the keys file")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, tiny_text, tiny_vl, tmp_path_factory) -> Service:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    keys_file = tmp_path_factory.mktemp("auth") / "keys"
+    keys_file.write_text("")
+    sources = {"text": tiny_text, "vl": tiny_vl}
+    serve.run(build_app(config_args(sources, str(keys_file))), name="rerank", route_prefix="/")
+    svc = Service(f"http://127.0.0.1:{port}", keys_file, sources)
+    yield svc
+    svc.client.close()
+    serve.shutdown()
