@@ -18,12 +18,20 @@ from .errors import envelope
 
 access_log = logging.getLogger("ray.serve")
 
-SETTINGS: dict[str, Any] = {"max_body_bytes": 64 * 1024 * 1024, "cors_allow_origins": [], "log_requests": True}
+SETTINGS: dict[str, Any] = {
+    "max_body_bytes": 64 * 1024 * 1024,
+    "cors_allow_origins": [],
+    "log_requests": True,
+    "metrics": None,
+}
 
 
-def configure(max_body_bytes: int, cors_allow_origins: list[str], log_requests: bool) -> None:
+def configure(max_body_bytes: int, cors_allow_origins: list[str], log_requests: bool, metrics: Any = None) -> None:
     SETTINGS.update(
-        max_body_bytes=max_body_bytes, cors_allow_origins=list(cors_allow_origins), log_requests=log_requests
+        max_body_bytes=max_body_bytes,
+        cors_allow_origins=list(cors_allow_origins),
+        log_requests=log_requests,
+        metrics=metrics,
     )
 
 
@@ -112,7 +120,8 @@ class DynamicCORSMiddleware:
 
 
 class AccessLogMiddleware:
-    """One JSON line per request: request id, route, model, documents, tokens, status, latency.
+    """One JSON line per request (request id, route, model, documents, tokens, status, latency) and the
+    request metrics (by route template, model and status).
 
     Handlers put ``model``, ``documents`` and ``tokens`` into ``request.state``; nothing from the body or the
     headers (no document text, no keys) is ever logged.
@@ -122,7 +131,7 @@ class AccessLogMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not SETTINGS["log_requests"]:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.monotonic()
         status = 500
@@ -137,6 +146,13 @@ class AccessLogMiddleware:
             await self.app(scope, receive, capture)
         finally:
             state = scope.get("state") or {}
+            latency_ms = round((time.monotonic() - start) * 1000, 2)
+            metrics = SETTINGS["metrics"]
+            if metrics is not None:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                metrics.record(route, state.get("model"), status, latency_ms, state.get("documents"))
+            if not SETTINGS["log_requests"]:
+                return
             rid = ""
             for key, value in scope.get("headers", []):
                 if key == b"x-request-id":
@@ -150,6 +166,6 @@ class AccessLogMiddleware:
                 "documents": state.get("documents"),
                 "tokens": state.get("tokens"),
                 "status": status,
-                "latency_ms": round((time.monotonic() - start) * 1000, 2),
+                "latency_ms": latency_ms,
             }
             access_log.info(json.dumps(line))

@@ -32,6 +32,7 @@ from .errors import (
     unwrap,
 )
 from .messages import PrepareRequest, ScoredChunk
+from .metrics import IngressMetrics
 from .protocol import (
     ErrorResponse,
     HealthResponse,
@@ -130,7 +131,10 @@ class Ingress:
         self._ready_until = 0.0
         self._info: dict[str, dict] = {}
         http.configure(
-            self.args.limits.max_body_bytes, self.args.http.cors_allow_origins, self.args.log_requests
+            self.args.limits.max_body_bytes,
+            self.args.http.cors_allow_origins,
+            self.args.log_requests,
+            IngressMetrics(),
         )
 
     # -------------------------------------------------------------------------------------------- helpers

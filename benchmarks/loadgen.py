@@ -1,0 +1,162 @@
+"""Async HTTP load generator for rerank servers (this service or vLLM), with fresh texts on every request.
+
+    python benchmarks/loadgen.py --url http://127.0.0.1:8000 --route /v1/rerank --model M \\
+        --tokenizer ../shared/tokenizers/llama3 --concurrency 1,4,16 --duration 60 --out results/svc.json
+
+A workload cell fixes the query length, the document length range (tokens, measured with the real
+tokenizer), documents per request, concurrency and duration. Every request carries a new query and new
+documents (a serial number makes each text unique), so no cache helps either side. Requests are made
+before the clock starts, so generating them costs the servers nothing. Prints and writes JSON; with
+--plot, also a PNG of throughput and p50/p95/p99 latency against concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from workload import Cell, TextFactory  # noqa: E402
+
+
+def make_requests(cell: Cell, n: int, count_tokens, seed: int) -> list[tuple[str, list[str]]]:
+    f = TextFactory(count_tokens, seed=seed)
+    return [f.request(cell) for _ in range(n)]
+
+
+def body_for(route: str, model: str | None, query: str, docs: list[str]) -> dict:
+    if route.endswith("/ranking"):
+        return {"model": model, "query": {"text": query}, "passages": [{"text": d} for d in docs]}
+    if route.endswith("/score"):
+        return {"model": model, "text_1": query, "text_2": docs}
+    return {"model": model, "query": query, "documents": docs}
+
+
+async def run_cell(
+    url: str, route: str, model: str | None, requests: list, concurrency: int, duration: float, timeout: float,
+    headers: dict | None = None,
+) -> dict:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    pairs = 0
+    next_index = 0
+    stop_at = 0.0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal pairs, next_index
+        while time.monotonic() < stop_at and next_index < len(requests):
+            query, docs = requests[next_index]
+            next_index += 1
+            t0 = time.monotonic()
+            try:
+                r = await client.post(route, json=body_for(route, model, query, docs))
+                ok = r.status_code == 200
+                key = str(r.status_code)
+            except Exception as e:  # noqa: BLE001 - count every failure kind
+                ok, key = False, type(e).__name__
+            if ok:
+                latencies.append(time.monotonic() - t0)
+                pairs += len(docs)
+            else:
+                errors[key] = errors.get(key, 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=headers) as client:
+        # one warm-up request outside the clock
+        warm_q, warm_d = requests[-1]
+        await client.post(route, json=body_for(route, model, warm_q, warm_d[:2]))
+        start = time.monotonic()
+        stop_at = start + duration
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        elapsed = time.monotonic() - start
+    lat = np.array(latencies) if latencies else np.array([np.nan])
+    return {
+        "concurrency": concurrency,
+        "requests_ok": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "pairs_per_s": round(pairs / elapsed, 2),
+        "requests_per_s": round(len(latencies) / elapsed, 3),
+        "p50_s": round(float(np.percentile(lat, 50)), 3),
+        "p95_s": round(float(np.percentile(lat, 95)), 3),
+        "p99_s": round(float(np.percentile(lat, 99)), 3),
+    }
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in results:
+        xs = [r["concurrency"] for r in rows]
+        a.plot(xs, [r["pairs_per_s"] for r in rows], marker="o", label=label)
+        for q, style in (("p50_s", "-"), ("p95_s", "--"), ("p99_s", ":")):
+            b.plot(xs, [r[q] for r in rows], style, marker="o", label=f"{label} {q[:3]}")
+    a.set_xlabel("concurrency")
+    a.set_ylabel("pairs / s")
+    a.set_title("throughput")
+    b.set_xlabel("concurrency")
+    b.set_ylabel("latency (s)")
+    b.set_title("latency")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--route", default="/v1/rerank")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (to size the texts)")
+    ap.add_argument("--docs", type=int, default=32)
+    ap.add_argument("--doc-tokens", default="64,512")
+    ap.add_argument("--query-words", type=int, default=12)
+    ap.add_argument("--concurrency", default="16")
+    ap.add_argument("--duration", type=float, default=60)
+    ap.add_argument("--max-requests", type=int, default=400, help="requests generated per concurrency level")
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+
+    from rerank_core.tokenization import PromptTokenizer
+
+    tok = PromptTokenizer(args.tokenizer)
+    lo, hi = (int(x) for x in args.doc_tokens.split(","))
+    cell = Cell(docs_per_request=args.docs, doc_tokens=(lo, hi), query_words=args.query_words)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    rows = []
+    for k, c in enumerate(int(x) for x in args.concurrency.split(",")):
+        reqs = make_requests(cell, args.max_requests, tok.count_tokens, seed=args.seed * 1000 + k)
+        res = asyncio.run(run_cell(args.url, args.route, args.model, reqs, c, args.duration, args.timeout, headers))
+        print(json.dumps(res), flush=True)
+        rows.append(res)
+    out = {"url": args.url, "route": args.route, "cell": asdict(cell), "duration_s": args.duration, "results": rows}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+    if args.plot:
+        plot([(args.url + args.route, rows)], args.plot, f"{args.docs} docs/request, {lo}-{hi} tokens")
+
+
+if __name__ == "__main__":
+    main()

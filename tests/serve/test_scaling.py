@@ -1,0 +1,144 @@
+"""Fractional GPUs, autoscaling under a burst, metrics, and batching that never changes a score."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from ray import serve
+
+from deployments.app import build_app
+from deployments.protocol import RankingResponse
+from tests.conftest import config_args
+
+MODEL = "nvidia/llama-nemotron-rerank-1b-v2"
+
+
+def _text_only_args(tiny_text: str, scorer: dict) -> dict:
+    args = config_args({"text": tiny_text, "vl": tiny_text})
+    text = next(m for m in args["models"] if m["name"] == "text")
+    text["preprocess"] = {"num_cpus": 0.1, "num_replicas": 1}
+    text["scorer"] = {"num_cpus": 0.1, **scorer}
+    args["models"] = [text]
+    args["ingress"] = {"num_cpus": 0.1, "num_replicas": 1}
+    args["accelerator"] = "gpu"
+    return args
+
+
+def test_four_quarter_gpu_scorers_share_one_gpu(service, tiny_text, ray_cluster):
+    before = ray_cluster.available_resources().get("GPU", 0)
+    serve.run(build_app(_text_only_args(tiny_text, {"num_gpus": 0.25, "num_replicas": 4})), name="packing",
+              route_prefix="/packing")
+    try:
+        h = serve.get_deployment_handle("Scorer-text", "packing")
+        seen = {}
+        deadline = time.monotonic() + 60
+        while len(seen) < 4 and time.monotonic() < deadline:
+            stats = h.stats.remote().result(timeout_s=30)
+            seen[stats["pid"]] = stats
+        assert len(seen) == 4, "expected four scorer replicas"
+        gpu_ids = {tuple(s["gpu_ids"]) for s in seen.values()}
+        assert len(gpu_ids) == 1 and len(next(iter(gpu_ids))) == 1, gpu_ids  # one and the same GPU
+        assert all(s["device"] == "cpu" for s in seen.values())  # torch sees no CUDA here: clean fallback
+        after = ray_cluster.available_resources().get("GPU", 0)
+        assert before - after == pytest.approx(1.0)
+    finally:
+        serve.delete("packing")
+
+
+def _replicas(app: str, deployment: str) -> int:
+    st = serve.status().applications[app].deployments[deployment]
+    return st.replica_states.get("RUNNING", 0)
+
+
+def test_scorer_scales_out_under_a_burst_and_back_in(service, tiny_text):
+    scorer = {
+        "num_gpus": 0,
+        "max_batch_tokens": 1024,
+        "batch_token_unit": 256,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2},
+    }
+    args = _text_only_args(tiny_text, scorer)
+    args["accelerator"] = "cpu"
+    args["limits"]["docs_per_chunk"] = 2
+    serve.run(build_app(args), name="burst", route_prefix="/burst")
+    try:
+        assert _replicas("burst", "Scorer-text") == 1
+        url = service.base_url + "/burst/v1/rerank"
+        docs = [("protein " * 60) + str(i) for i in range(16)]
+        stop = time.monotonic() + 45
+        peak = 1
+
+        def hammer() -> int:
+            import httpx
+
+            n = 0
+            with httpx.Client(timeout=120) as c:
+                while time.monotonic() < stop:
+                    r = c.post(url, json={"query": "q", "documents": docs})
+                    n += r.status_code == 200
+                    if peak >= 2:
+                        break
+            return n
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(hammer) for _ in range(8)]
+            while time.monotonic() < stop and peak < 2:
+                peak = max(peak, _replicas("burst", "Scorer-text"))
+                time.sleep(0.5)
+            done = sum(f.result() for f in futures)
+        assert peak >= 2, "the scorer did not scale out under load"
+        assert done > 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _replicas("burst", "Scorer-text") > 1:
+            time.sleep(1)
+        assert _replicas("burst", "Scorer-text") == 1, "the scorer did not scale back in"
+    finally:
+        serve.delete("burst")
+
+
+def test_scores_do_not_depend_on_batch_company(service):
+    """The same request alone and amid concurrent traffic of other lengths gets the same logits."""
+    import httpx
+
+    docs = ["short", "a medium length passage about protein intake", "long " * 300, "x" * 40]
+    body = {"model": MODEL, "query": {"text": "protein"}, "passages": [{"text": d} for d in docs]}
+
+    def logits() -> list[float]:
+        r = httpx.post(service.base_url + "/v1/ranking", json=body, timeout=120)
+        got = {x.index: x.logit for x in RankingResponse.model_validate(r.json()).rankings}
+        return [got[i] for i in range(len(docs))]
+
+    alone = logits()
+    noise_docs = [("noise " * k) for k in (1, 50, 200, 400)]
+
+    def noise() -> None:
+        httpx.post(service.base_url + "/v1/rerank", json={"query": "other", "documents": noise_docs}, timeout=120)
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        futs = [pool.submit(noise) for _ in range(8)] + [pool.submit(logits) for _ in range(4)]
+        together = [f.result() for f in futs[8:]]
+    for t in together:
+        np.testing.assert_allclose(t, alone, atol=1e-5, rtol=0)
+
+
+def test_metrics_are_exported(service, ray_cluster):
+    service.client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
+    want = ["ray_rerank_requests_total", "ray_rerank_pairs_scored_total", "ray_rerank_batch_tokens_bucket",
+            "ray_rerank_forward_latency_ms_bucket", "ray_rerank_preprocess_latency_ms_bucket",
+            "ray_rerank_padding_ratio", "ray_rerank_queue_wait_ms_bucket", "ray_rerank_request_latency_ms_bucket"]
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).read().decode()
+        if all(w in text for w in want):
+            break
+        time.sleep(2)
+    missing = [w for w in want if w not in text]
+    assert not missing, missing
+    line = next(x for x in text.splitlines() if x.startswith("ray_rerank_requests_total{"))
+    assert 'route="/v1/rerank"' in line or "route=" in line
