@@ -265,7 +265,11 @@ def load_reranker(
     log.info("loading %s reranker from %s on %s in %s", info.kind, path, dev, str(dt).replace("torch.", ""))
     limit = int(max_length or DEFAULT_MAX_LENGTH[info.kind])
     tokenizer = PromptTokenizer(path, max_length=limit, query_budget=query_budget)
-    model = build_model(info, dt).to(dev) if load_weights else None
+    model = None
+    if load_weights:
+        from .models.llama_bidirectional import fuse_projections
+
+        model = fuse_projections(build_model(info, dt).to(dev))
     cls = Reranker
     if info.kind == "vl":
         from .vl_reranker import VLReranker

@@ -102,18 +102,54 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b)
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One q/k/v matmul instead of three. The three weights become views of the fused one, so the
+        state dict keeps its published keys and no memory is duplicated. Call after moving to the device."""
+        self.qkv_weight, self.qkv_bias = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """x [B, L, H]; key_mask bool [B, 1, 1, L] (True = real key) -> [B, L, H]."""
         bsz, length, _ = x.shape
-        q = self.q_proj(x).view(bsz, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, length, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, length, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is not None:
+            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            q, k, v = qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(bsz, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(bsz, length, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(bsz, length, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask, scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, -1))
+
+
+def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of linears sharing an input; re-point each at its slice."""
+    weight = torch.cat([lin.weight.detach() for lin in linears]).contiguous()
+    has_bias = all(lin.bias is not None for lin in linears)
+    bias = torch.cat([lin.bias.detach() for lin in linears]).contiguous() if has_bias else None
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if has_bias:
+            lin.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
+
+
+def fuse_projections(module: nn.Module) -> nn.Module:
+    """Fuse q/k/v and gate/up matmuls in every Llama layer of ``module`` (after it is on its device)."""
+    for m in module.modules():
+        if isinstance(m, (Attention, MLP)):
+            m.fuse()
+    return module
 
 
 class MLP(nn.Module):
@@ -125,9 +161,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_up_weight: torch.Tensor | None = None
+        self.gate_up_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One gate/up matmul instead of two (weights become views of the fused one, as in Attention)."""
+        self.gate_up_weight, self.gate_up_bias = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        half = gate_up.shape[-1] // 2
+        act = F.silu(gate_up[..., :half])
+        return self.down_proj(act.mul_(gate_up[..., half:]))
 
 
 class DecoderLayer(nn.Module):
