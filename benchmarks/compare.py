@@ -148,6 +148,9 @@ def prepare_vllm_dir(ckpt: Path) -> Path:
         shutil.rmtree(d)
     shutil.copytree(ckpt, d)
     (d / "llama_bidirectional_model.py").write_text(VLLM_CONFIG_PY)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "llama_bidirectional_model.LlamaBidirectionalConfig"}
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
     (d / "score_template.jinja").write_text(SCORE_TEMPLATE)
     return d
 

@@ -46,12 +46,18 @@ def deployment_options(
         actor["num_gpus"] = num_gpus
     if d.memory_gb:
         actor["memory"] = int(d.memory_gb * 1024**3)
+    if d.resources:
+        actor["resources"] = dict(d.resources)
+    if d.label_selector:
+        actor["label_selector"] = dict(d.label_selector)
     opts: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": d.max_ongoing_requests or default_ongoing,
         "max_queued_requests": d.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1),
     }
+    if d.max_surge_percent is not None:
+        opts["max_surge_percent"] = d.max_surge_percent
     if d.num_replicas is not None:
         opts["num_replicas"] = d.num_replicas
     elif d.autoscaling is not None:

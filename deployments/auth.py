@@ -25,10 +25,12 @@ class KeyStore:
         self._env_keys = _split(os.environ.get(args.api_keys_env, "")) if args.api_keys_env else []
         self._file_keys: list[str] = []
         self._file_mtime: float | None = None
+        self._file_failed = False
         self._checked = 0.0
+        self._keys = [k.encode() for k in self._env_keys]
         self._reload_file(force=True)
-        self._keys = [k.encode() for k in self._env_keys + self._file_keys]
-        log.info("auth: %d API key(s) configured%s", len(self._keys), "" if self._keys else " (auth off)")
+        state = "on" if self.enabled else "off"
+        log.info("auth %s: %d API key(s) configured", state, len(self._keys))
 
     def _reload_file(self, force: bool = False) -> None:
         path = self.args.api_keys_file
@@ -39,25 +41,43 @@ class KeyStore:
         try:
             mtime = os.stat(path).st_mtime
         except OSError:
-            if force:
-                log.warning("auth: api_keys_file %s is not readable", path)
+            # fail closed: a configured keys file that cannot be read locks every inference route
+            self._file_unreadable(path, log_it=force or not self._file_failed)
             return
         if mtime == self._file_mtime:
             return
-        with open(path, encoding="utf-8") as f:
-            self._file_keys = _split(f.read())
+        try:
+            with open(path, encoding="utf-8") as f:
+                self._file_keys = _split(f.read())
+        except OSError:
+            self._file_unreadable(path, log_it=True)
+            return
+        self._file_failed = False
         self._file_mtime = mtime
         self._keys = [k.encode() for k in self._env_keys + self._file_keys]
+
+    def _file_unreadable(self, path: str, log_it: bool) -> None:
+        if log_it:
+            log.error("auth: api_keys_file %s is not readable; its keys are refused until it is", path)
+        self._file_failed = True
+        self._file_mtime = None
+        self._file_keys = []
+        self._keys = [k.encode() for k in self._env_keys]
 
     @property
     def enabled(self) -> bool:
         self._reload_file()
-        return bool(self._keys)
+        return bool(self._keys) or self._file_failed
 
     def check(self, authorization: str | None) -> bool:
-        """True if auth is off, or the header carries an accepted key. Every key is compared (no early exit)."""
+        """True if auth is off, or the header carries an accepted key. Every key is compared (no early exit).
+
+        A configured keys file that cannot be read fails closed: no key is accepted until it can.
+        """
         if not self.enabled:
             return True
+        if self._file_failed and not self._keys:
+            return False
         if not authorization:
             return False
         scheme, _, token = authorization.partition(" ")

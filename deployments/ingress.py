@@ -92,6 +92,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         return error_response(404, "not_found_error", f"route {request.url.path} not found")
     if exc.status_code == 405:
         return error_response(405, "invalid_request_error", f"method {request.method} not allowed here")
+    if exc.status_code == 413:
+        return error_response(413, "request_too_large", str(exc.detail))
     return error_response(exc.status_code, "invalid_request_error", str(exc.detail))
 
 

@@ -18,6 +18,7 @@ from rerank_core import load_reranker
 from rerank_core.tokenization import EncodedPairs
 
 from .config import ModelArgs, ScorerArgs
+from .fifo_batch import FifoBatchQueue
 from .messages import ScoredChunk
 from .metrics import ScorerMetrics
 
@@ -51,9 +52,10 @@ def pick_device(wants_gpu: bool) -> str:
 class Scorer:
     """Holds one model; ``score(EncodedPairs)`` joins a token-budget batch shared by concurrent requests.
 
-    Serve's batch queue counts each queued chunk as ``ceil(tokens / unit)`` (capped at the budget, so one
-    big chunk forms a batch on its own); the batch is then packed by ``rerank_core.batching.pack``,
-    longest first, into forward passes of at most ``max_batch_tokens`` padded tokens.
+    The batch queue (strict FIFO by default, or Serve's ``@serve.batch`` with ``batch_size_fn``) counts
+    each queued chunk as ``ceil(tokens / unit)`` (capped at the budget, so one big chunk forms a batch on
+    its own); the batch is then packed by ``rerank_core.batching.pack``, longest first, into forward
+    passes of at most ``max_batch_tokens`` padded tokens.
     """
 
     def __init__(self, model: dict, scorer: dict, use_gpu: bool):
@@ -77,16 +79,28 @@ class Scorer:
         )
         if self.reranker.kind == "vl":
             self.reranker.max_batch_tiles = self.cfg.max_batch_tiles
+        if device == "cpu":
+            self.reranker.max_batch_tokens = min(self.cfg.max_batch_tokens, self.cfg.cpu_forward_tokens)
         if self.cfg.compile and device == "cuda":
             self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
         self.unit = self.cfg.batch_token_unit
         self.max_units = max(1, self.cfg.max_batch_tokens // self.unit)
-        self._batched = serve.batch(
-            max_batch_size=self.max_units,
-            batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
-            max_concurrent_batches=self.cfg.max_concurrent_batches,
-            batch_size_fn=_units,
-        )(self._run_batch)
+        if self.cfg.batch_queue == "serve":
+            batched = serve.batch(
+                max_batch_size=self.max_units,
+                batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+                max_concurrent_batches=self.cfg.max_concurrent_batches,
+                batch_size_fn=_units,
+            )(self._run_batch)
+            self._submit = lambda item: batched(item)
+        else:
+            fifo = FifoBatchQueue(
+                self._run_batch,
+                max_size=self.max_units,
+                wait_s=self.cfg.batch_wait_timeout_s,
+                max_concurrent=self.cfg.max_concurrent_batches,
+            )
+            self._submit = lambda item: fifo.submit(item, item.units)
         self.metrics = ScorerMetrics(m.id)
         self._warm_up()
         self._ready = True
@@ -106,7 +120,7 @@ class Scorer:
 
     async def score(self, enc: EncodedPairs) -> ScoredChunk:
         units = min(self.max_units, max(1, math.ceil(enc.total_tokens / self.unit)))
-        return await self._batched(_Item(enc, units, time.monotonic()))
+        return await self._submit(_Item(enc, units, time.monotonic()))
 
     async def _run_batch(self, items: list[_Item]) -> list[ScoredChunk]:
         start = time.monotonic()
