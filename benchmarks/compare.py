@@ -101,7 +101,11 @@ def service_config(ckpt: Path, port: int, threads: int, out: Path) -> Path:
     args = app["args"]
     text = next(m for m in args["models"] if m["name"] == "text")
     text["source"] = str(ckpt)
+    # one engine on a 2-core machine, like vLLM's: no autoscaling (a second CPU scorer only contends)
     text["scorer"]["torch_threads"] = threads
+    for part in (text["scorer"], text["preprocess"], args["ingress"]):
+        part.pop("autoscaling", None)
+        part["num_replicas"] = 1
     args["models"] = [text]
     args["accelerator"] = "cpu"
     cfg["http_options"]["port"] = port

@@ -87,7 +87,10 @@ class EncodedPairs:
 class PromptTokenizer:
     """Builds token ids for reranker pairs from a checkpoint's tokenizer files."""
 
-    def __init__(self, path: str, max_length: int = 8192, query_budget: int | None = None):
+    def __init__(self, path: str, max_length: int = 8192, query_budget: int | None = None, parallel: bool = False):
+        """``parallel``: tokenize a request's prompts on the tokenizers library's thread pool. Off by
+        default: in a serving process its idle workers spin and took a quarter of a core from the model
+        on a 2-core machine; scale preprocessing with replicas instead."""
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.exists(tok_file):
             raise CheckpointError(f"tokenizer.json not found in {path}")
@@ -115,6 +118,7 @@ class PromptTokenizer:
         self.vocab_size = max([self.plain.get_vocab_size(with_added_tokens=True), *self.special_ids.values()]) + 1
         self.max_length = max_length
         self.query_budget = query_budget
+        self.parallel = parallel
 
     def _special_id(self, cfg: dict, key: str, fallback: str) -> int | None:
         value = cfg.get(key, fallback)
@@ -189,7 +193,10 @@ class PromptTokenizer:
                 cut_docs.append(d2)
             documents = cut_docs
         prompts = [(" " if prefix_ids[i] else "") + text_prompt(query, d) for i, d in enumerate(documents)]
-        encs = self.plain.encode_batch(prompts, add_special_tokens=False)
+        if self.parallel:
+            encs = self.plain.encode_batch(prompts, add_special_tokens=False)
+        else:
+            encs = [self.plain.encode(p, add_special_tokens=False) for p in prompts]
         pieces: list[list[int]] = []
         doc_index: list[int] = []
         for i, enc in enumerate(encs):
