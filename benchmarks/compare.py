@@ -95,7 +95,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def service_config(ckpt: Path, port: int, threads: int, out: Path) -> Path:
+def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None) -> Path:
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     app = cfg["applications"][0]
     args = app["args"]
@@ -108,6 +108,8 @@ def service_config(ckpt: Path, port: int, threads: int, out: Path) -> Path:
         part["num_replicas"] = 1
     args["models"] = [text]
     args["accelerator"] = "cpu"
+    if docs_per_chunk:
+        args["limits"]["docs_per_chunk"] = docs_per_chunk
     cfg["http_options"]["port"] = port
     cfg["http_options"]["host"] = "127.0.0.1"
     out.write_text(yaml.safe_dump(cfg))
@@ -133,7 +135,7 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
 
 def run_service(ckpt: Path, args: argparse.Namespace) -> dict:
     port = 18200
-    cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml")
+    cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk)
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     proc = subprocess.Popen(["serve", "run", str(cfg)], env=env, start_new_session=True,
                             stdout=open(RESULTS / "service.log", "w"), stderr=subprocess.STDOUT)
@@ -186,7 +188,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="16")
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--docs-per-chunk", type=int, default=None, help="override limits.docs_per_chunk")
     ap.add_argument("--ceiling-requests", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate service and vLLM this many times")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ceiling,service,vllm")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -199,22 +203,37 @@ def main() -> None:
     if "ceiling" not in skip:
         report["ceiling"] = run_ceiling(ckpt, args)
         print(json.dumps({"ceiling": report["ceiling"]}), flush=True)
-    if "service" not in skip:
-        report["service"] = run_service(ckpt, args)
-    if args.vllm_python and "vllm" not in skip:
-        report["vllm"] = run_vllm(ckpt, args)
-    ratios = {}
-    for k, svc in enumerate(report.get("service", {}).get("results", [])):
-        c = svc["concurrency"]
-        row = {"service_pairs_per_s": svc["pairs_per_s"], "service_p99_s": svc["p99_s"]}
-        if "ceiling" in report:
-            row["service_over_ceiling"] = round(svc["pairs_per_s"] / report["ceiling"]["pairs_per_s"], 3)
-        if "vllm" in report:
-            v = report["vllm"]["results"][k]
-            row.update(vllm_pairs_per_s=v["pairs_per_s"], vllm_p99_s=v["p99_s"],
-                       service_over_vllm=round(svc["pairs_per_s"] / max(v["pairs_per_s"], 1e-9), 3))
-        ratios[str(c)] = row
+    # the machine's speed drifts: alternate the servers over several rounds and compare within a round
+    rounds = []
+    for k in range(args.rounds):
+        rnd: dict = {}
+        if "service" not in skip:
+            rnd["service"] = run_service(ckpt, args)
+        if args.vllm_python and "vllm" not in skip:
+            rnd["vllm"] = run_vllm(ckpt, args)
+        rounds.append(rnd)
+    report["rounds"] = rounds
+    ratios: dict = {}
+    for rnd in rounds:
+        for i, svc in enumerate(rnd.get("service", {}).get("results", [])):
+            row = ratios.setdefault(str(svc["concurrency"]), {"service_pairs_per_s": [], "service_p99_s": []})
+            row["service_pairs_per_s"].append(svc["pairs_per_s"])
+            row["service_p99_s"].append(svc["p99_s"])
+            if "ceiling" in report:
+                row.setdefault("service_over_ceiling", []).append(
+                    round(svc["pairs_per_s"] / report["ceiling"]["pairs_per_s"], 3))
+            if "vllm" in rnd:
+                v = rnd["vllm"]["results"][i]
+                row.setdefault("vllm_pairs_per_s", []).append(v["pairs_per_s"])
+                row.setdefault("vllm_p99_s", []).append(v["p99_s"])
+                row.setdefault("service_over_vllm", []).append(round(svc["pairs_per_s"] / max(v["pairs_per_s"], 1e-9), 3))
+                row.setdefault("p99_service_over_vllm", []).append(round(svc["p99_s"] / max(v["p99_s"], 1e-9), 3))
+    for row in ratios.values():
+        for key in [k for k in row if k.endswith(("_over_vllm", "_over_ceiling"))]:
+            row[key + "_median"] = sorted(row[key])[len(row[key]) // 2]
     report["ratios"] = ratios
+    if rounds:
+        report.update({name: rounds[-1][name] for name in ("service", "vllm") if name in rounds[-1]})
     out = RESULTS / "compare.json"
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

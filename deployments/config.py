@@ -215,7 +215,7 @@ class LimitsArgs(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Pixels (width x height) per image (413).")
     max_images_per_request: int = Field(64, ge=0, description="Images per request.")
     docs_per_chunk: int = Field(
-        16,
+        32,
         ge=1,
         description="A request's documents are scored in chunks of at most this many, so a large request "
         "spreads over replicas and shares batches with small ones.",
