@@ -111,7 +111,10 @@ class ScorerArgs(DeploymentArgs):
         "max_batch_tokens / batch_token_unit, and each queued chunk counts ceil(tokens / unit).",
     )
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, description="How long a batch waits for more pairs once its first chunk arrived."
+        0.005,
+        ge=0,
+        description="How long a batch waits for more pairs once its first chunk arrived (the FIFO queue "
+        "skips the wait when the replica was idle).",
     )
     max_concurrent_batches: int = Field(
         1, ge=1, description="Batches a replica runs at once (2 overlaps host work with the GPU forward pass)."

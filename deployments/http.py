@@ -6,6 +6,7 @@ These wrap the module-level FastAPI app; their settings come from the Ingress re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -124,7 +125,8 @@ class DynamicCORSMiddleware:
 
 
 class AccessLogMiddleware:
-    """One JSON line per request (request id, route, model, documents, tokens, status, latency) and the
+    """One JSON line per request (request id, route, model, documents, tokens, status, latency, and the
+    scorer's queue wait and forward pass) and the
     request metrics (by route template, model and status).
 
     Handlers put ``model``, ``documents`` and ``tokens`` into ``request.state``; nothing from the body or the
@@ -148,6 +150,10 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, capture)
+        except asyncio.CancelledError:
+            if status == 500:
+                status = 499  # the client went away before an answer (nginx's code); not a server error
+            raise
         finally:
             state = scope.get("state") or {}
             latency_ms = round((time.monotonic() - start) * 1000, 2)
@@ -171,5 +177,7 @@ class AccessLogMiddleware:
                 "tokens": state.get("tokens"),
                 "status": status,
                 "latency_ms": latency_ms,
+                "queue_ms": state.get("queue_ms"),
+                "forward_ms": state.get("forward_ms"),
             }
             access_log.info(json.dumps(line))

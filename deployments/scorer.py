@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,9 @@ class Scorer:
             self.reranker.max_batch_tokens = min(self.cfg.max_batch_tokens, self.cfg.cpu_forward_tokens)
         if self.cfg.compile and device == "cuda":
             self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
+        # forward passes run on long-lived threads of their own: the event loop stays free for queueing,
+        # and torch's intra-op (OpenMP) pool keeps one calling thread instead of following a shared pool
+        self._forward_pool = ThreadPoolExecutor(self.cfg.max_concurrent_batches, thread_name_prefix="forward")
         self.unit = self.cfg.batch_token_unit
         self.max_units = max(1, self.cfg.max_batch_tokens // self.unit)
         if self.cfg.batch_queue == "serve":
@@ -116,7 +120,7 @@ class Scorer:
     def _warm_up(self) -> None:
         """One tiny forward pass so the first user request does not pay for lazy initialisation."""
         enc = self.reranker.encode("warm up", ["warm up"])
-        self.reranker.forward_encoded(enc)
+        self._forward_pool.submit(self.reranker.forward_encoded, enc).result()  # on the thread that serves
 
     async def score(self, enc: EncodedPairs) -> ScoredChunk:
         units = min(self.max_units, max(1, math.ceil(enc.total_tokens / self.unit)))
@@ -131,7 +135,9 @@ class Scorer:
                 tiles.append(it.enc.pair_tiles(p))
                 owners.append(k)
         plan = self.reranker.plan_rows(rows, tiles)
-        logits = await asyncio.to_thread(self.reranker.forward_rows, rows, tiles, plan)
+        logits = await asyncio.get_running_loop().run_in_executor(
+            self._forward_pool, self.reranker.forward_rows, rows, tiles, plan
+        )
         forward_ms = (time.monotonic() - start) * 1000
         self.metrics.record_batch(
             len(rows), plan.real_tokens, plan.padded_tokens, forward_ms, [(start - it.enqueued) * 1000 for it in items]

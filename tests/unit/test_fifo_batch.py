@@ -88,3 +88,30 @@ def test_max_concurrent_batches():
 
     asyncio.run(main())
     assert peak == 2
+
+
+def test_idle_queue_starts_at_once_busy_queue_waits_for_company():
+    starts: list[float] = []
+
+    async def run(items):
+        starts.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.05)
+        return items
+
+    async def main():
+        q = FifoBatchQueue(run, max_size=10, wait_s=0.5)
+        t0 = asyncio.get_running_loop().time()
+        assert await q.submit(1, 1) == 1  # idle: no 0.5 s wait
+        idle_latency = asyncio.get_running_loop().time() - t0
+        # while a batch runs, a new arrival waits (up to wait_s) for company: the second one joins it
+        first = asyncio.ensure_future(q.submit(2, 1))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(q.submit(3, 1))
+        await asyncio.sleep(0.06)  # batch [2] done; [3] now waits for company
+        third = asyncio.ensure_future(q.submit(4, 1))
+        return idle_latency, await asyncio.gather(first, second, third)
+
+    idle_latency, results = asyncio.run(main())
+    assert idle_latency < 0.3, idle_latency
+    assert results == [2, 3, 4]
+    assert len(starts) == 3  # [1], [2], [3, 4]
