@@ -226,6 +226,14 @@ class LimitsArgs(_Strict):
     request_timeout_s: float = Field(
         60.0, gt=0, description="Scoring that has not finished after this long is cancelled (504)."
     )
+    max_chunks_in_flight: int = Field(
+        16,
+        ge=1,
+        description="Chunks of one request sent to the preprocess and scorer replicas at once; the rest wait "
+        "in the ingress. A request that times out or fails then leaves at most this many calls behind (a busy "
+        "replica may start queued calls before their cancellation reaches it), and one huge request cannot "
+        "flood the queues ahead of small ones.",
+    )
 
 
 class AuthArgs(_Strict):

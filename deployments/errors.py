@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import ReplicaUnavailableError
 from starlette.responses import JSONResponse
 
 from rerank_core.errors import RerankError
@@ -62,6 +64,26 @@ def unwrap(exc: BaseException) -> BaseException:
             return exc
         exc = inner
     return exc
+
+
+# a replica (or its node) died or became unreachable under a call: the call may be retried elsewhere
+_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, ReplicaUnavailableError)
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """True if ``exc`` says the replica serving a call went away (ActorDiedError, ActorUnavailableError, a
+    crashed worker or node), also when Ray (``RayTaskError.cause``) or Serve (``__cause__`` of its "upstream
+    actor died" error) wraps it. Domain errors are never a lost replica."""
+    for _ in range(8):
+        if isinstance(exc, RerankError):
+            return False
+        if isinstance(exc, _LOST):
+            return True
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None or inner is exc:
+            return False
+        exc = inner
+    return False
 
 
 def envelope(status: int, err_type: str, message: str, param: str | None = None) -> dict[str, Any]:

@@ -225,6 +225,7 @@ class Ingress:
         rid = _request_id(request)
         handles = self.handles[m.id]
         chunks = self._chunks(job)
+        slots = asyncio.Semaphore(self.args.limits.max_chunks_in_flight)
         tasks = [
             asyncio.ensure_future(
                 self._score_chunk(
@@ -238,6 +239,7 @@ class Ingress:
                         max_chunks=job.max_chunks_per_doc,
                         request_id=rid,
                     ),
+                    slots,
                 )
             )
             for _, query, docs in chunks
@@ -295,19 +297,28 @@ class Ingress:
             scored.cancel()
             raise
 
-    async def _score_chunk(self, handles: dict, prep: PrepareRequest) -> ScoredChunk:
-        """``_call_chunk``, tried once more with fresh handle calls when a replica died under it (scoring is
-        idempotent; Serve routes the retry to a live replica). A second loss is a 503 with Retry-After."""
+    async def _score_chunk(
+        self, handles: dict, prep: PrepareRequest, slots: asyncio.Semaphore | None = None
+    ) -> ScoredChunk:
+        """``_call_chunk`` once one of the request's ``slots`` is free (limits.max_chunks_in_flight), tried once
+        more with fresh handle calls when a replica died under it (scoring is idempotent; Serve routes the retry
+        to a live replica). A second loss is a 503 with Retry-After."""
+        if slots is None:
+            return await self._score_chunk_retrying(handles, prep)
+        async with slots:
+            return await self._score_chunk_retrying(handles, prep)
+
+    async def _score_chunk_retrying(self, handles: dict, prep: PrepareRequest) -> ScoredChunk:
         try:
             return await self._call_chunk(handles, prep)
-        except Exception as e:  # noqa: BLE001 - only a lost replica is retried; the rest propagates as is
+        except Exception as e:  # only a lost replica is retried; anything else propagates as it is
             if not replica_lost(e):
                 raise
             log.warning("request %s: a replica went away while scoring (%s); retrying the chunk once",
                         prep.request_id, type(e).__name__)
         try:
             return await self._call_chunk(handles, prep)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not replica_lost(e):
                 raise
             log.warning("request %s: a replica went away again (%s); answering 503", prep.request_id,

@@ -56,15 +56,35 @@ class QueryObject(_Lenient):
     image: str | None = None
 
 
+_EXAMPLE_QUERY = "how much protein should a female eat?"
+_EXAMPLE_DOCS = [
+    "As a general guideline, the CDC's average requirement of protein for women ages 19 to 70 is 46 grams per day.",
+    "Definition of summit for English Language Learners: the highest point of a mountain.",
+]
+
+
 class RerankRequest(_Lenient):
     """Cohere v1/v2, Jina, vLLM and TEI/Infinity rerank request."""
 
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"query": _EXAMPLE_QUERY, "documents": _EXAMPLE_DOCS, "top_n": 2}]},
+    )
+
     model: str | None = Field(None, description="Model id or alias; default model when omitted.")
     query: str | QueryObject = Field(..., description="The query text.")
-    documents: list[Document] = Field(..., description="Strings, {text}, {image}, {text, image} or {content: [...]}.")
-    top_n: int | None = Field(None, description="Return only the best N results (null or 0: all).")
+    documents: list[Document] = Field(
+        ...,
+        description="Strings, {text}, {image}, {text, image} or {content: [...]}.",
+        json_schema_extra={"minItems": 1},
+    )
+    top_n: int | None = Field(
+        None, description="Return only the best N results (null or 0: all).", json_schema_extra={"minimum": 0}
+    )
     return_documents: bool | None = Field(None, description="Echo each document in its result (default false).")
-    max_tokens_per_doc: int | None = Field(None, description="Cut each document to this many tokens.")
+    max_tokens_per_doc: int | None = Field(
+        None, description="Cut each document to this many tokens.", json_schema_extra={"minimum": 1}
+    )
     max_chunks_per_doc: int | None = Field(None, description="Score long documents in up to N chunks (max).")
     truncate: str | None = Field(None, description="END (default), NONE (400 when too long) or CHUNK.")
     raw_scores: bool | None = Field(None, description="relevance_score is the raw logit instead of sigmoid.")
@@ -73,16 +93,29 @@ class RerankRequest(_Lenient):
 class RankingRequest(_Lenient):
     """NVIDIA NIM ``/v1/ranking``."""
 
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"query": {"text": _EXAMPLE_QUERY}, "passages": [{"text": d} for d in _EXAMPLE_DOCS]}]
+        },
+    )
+
     model: str | None = None
     query: QueryObject | str
-    passages: list[DocumentObject | str]
+    passages: list[DocumentObject | str] = Field(..., json_schema_extra={"minItems": 1})
     truncate: str | None = Field(None, description="END (default) or NONE.")
-    top_k: int | None = Field(None, description="Return only the best K (LiteLLM sends this).")
-    top_n: int | None = None
+    top_k: int | None = Field(
+        None, description="Return only the best K (LiteLLM sends this).", json_schema_extra={"minimum": 0}
+    )
+    top_n: int | None = Field(None, json_schema_extra={"minimum": 0})
 
 
 class ScoreRequest(_Lenient):
     """vLLM ``/score``: one query against many documents, or pairwise lists."""
+
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"examples": [{"text_1": _EXAMPLE_QUERY, "text_2": _EXAMPLE_DOCS}]}
+    )
 
     model: str | None = None
     queries: str | list[str] | None = None
@@ -92,7 +125,9 @@ class ScoreRequest(_Lenient):
     items: str | list[Document] | None = None
     text_2: str | list[Document] | None = None
     data_2: str | list[Document] | None = None
-    truncate_prompt_tokens: int | None = Field(None, description="Cut each pair to this many tokens.")
+    truncate_prompt_tokens: int | None = Field(
+        None, description="Cut each pair to this many tokens.", json_schema_extra={"minimum": 2}
+    )
     use_activation: bool | None = Field(None, description="false: raw logits (default true: sigmoid).")
     activation: bool | None = None
     raw_scores: bool | None = None
@@ -256,10 +291,32 @@ def _image_ref(part: ContentPart) -> str | None:
     return part.image
 
 
+# extra keys of a document object are echoed back; JSON nested deeper than this cannot be (pydantic stops at
+# about 255 levels when it renders the response), so such a document is refused up front
+MAX_DOCUMENT_NESTING = 64
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
+
+
 def to_doc(d: Document, i: int, param: str = "documents") -> Doc:
     """Any accepted document shape -> ``Doc``."""
     if isinstance(d, str):
         return Doc(text=d, image=None, echo={"text": d})
+    if d.model_extra and _nested_deeper_than(d.model_extra, MAX_DOCUMENT_NESTING):
+        raise InvalidInput(
+            f"document {i} has fields nested more than {MAX_DOCUMENT_NESTING} levels deep", param=param
+        )
     echo = d.model_dump(exclude_none=True)
     text, image = d.text, d.image
     if d.content is not None:
@@ -345,6 +402,8 @@ def score_job(req: ScoreRequest, route: str) -> RerankJob:
     docs = [to_doc(d, i, param="text_2") for i, d in enumerate(right_list)]
     pair_queries = None
     if isinstance(left, list):
+        if not left:
+            raise InvalidInput("text_1 must not be an empty list: give a query", param="text_1")
         if len(left) == 1:
             left = left[0]
         elif len(left) != len(docs):
