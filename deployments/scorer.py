@@ -171,5 +171,6 @@ class Scorer:
             "max_batch_tokens": self.cfg.max_batch_tokens,
             "pid": os.getpid(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "assigned_resources": ray.get_runtime_context().get_assigned_resources(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }

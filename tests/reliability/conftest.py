@@ -38,25 +38,26 @@ def text_app_args(tiny_text: str, *, ingress: dict | None = None, preprocess: di
 
 # name -> (what it is for, args builder)
 AUX_APPS = {
-    # bounded queues: six requests at a time in the ingress plus two waiting at the proxy; the scorer takes one
-    # chunk plus one waiting from the ingress (a lone two-chunk request fits). CORS on for one origin; a 64 KiB
-    # body limit.
+    # Bounded queues and a short timeout. The ingress takes six requests at a time plus two waiting at the proxy;
+    # the scorer one chunk plus three waiting from the ingress, and each request sends at most two chunks at once
+    # (a lone request always fits, with room for the router's count of a chunk that just finished). Requests give
+    # up after 5 s; small chunks and small batches mean a cancelled request leaves little work behind.
     "rel-limits": lambda t: text_app_args(
         t,
         ingress={"max_ongoing_requests": 6, "max_queued_requests": 2},
-        scorer={"max_ongoing_requests": 1, "max_queued_requests": 1},
-        limits={"docs_per_chunk": 8, "max_body_bytes": 65536},
+        scorer={"max_ongoing_requests": 1, "max_queued_requests": 3, "max_batch_tokens": 2048,
+                "cpu_forward_tokens": 2048},
+        limits={"docs_per_chunk": 8, "request_timeout_s": 5.0, "max_chunks_in_flight": 2},
+    ),
+    # Two replicas of the preprocess and scorer deployments, so one of each can be killed. CORS on for one
+    # origin; a 64 KiB body limit.
+    "rel-faults": lambda t: text_app_args(
+        t,
+        preprocess={"num_replicas": 2},
+        scorer={"num_replicas": 2},
+        limits={"max_body_bytes": 65536},
         http={"cors_allow_origins": ["https://app.example"]},
     ),
-    # a short request timeout; small chunks, few of them in flight per request, and small batches, so a cancelled
-    # request leaves little work behind
-    "rel-slow": lambda t: text_app_args(
-        t,
-        scorer={"max_batch_tokens": 2048, "cpu_forward_tokens": 2048},
-        limits={"docs_per_chunk": 8, "request_timeout_s": 3.0, "max_chunks_in_flight": 4},
-    ),
-    # two replicas of the preprocess and scorer deployments, so one of each can be killed
-    "rel-faults": lambda t: text_app_args(t, preprocess={"num_replicas": 2}, scorer={"num_replicas": 2}),
 }
 
 

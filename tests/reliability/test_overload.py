@@ -1,8 +1,8 @@
 """Overload and timeouts: bounded queues answer 503 + Retry-After at once; a timed-out request stops its work.
 
-Runs against the ``rel-limits`` and ``rel-slow`` apps (tests/reliability/conftest.py): the ingress takes six
-requests at a time with two more waiting at the proxy, the scorer one chunk with one waiting; ``rel-slow``
-gives up on a request after 3 s.
+Runs against the ``rel-limits`` app (tests/reliability/conftest.py): the ingress takes six requests at a time
+with two more waiting at the proxy, the scorer one chunk with three waiting, a request sends at most two chunks
+at once and gives up after 5 s.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_a_request_has_at_most_its_slots_in_flight():
 
 
 def test_request_timeout_is_504_and_cancels_the_work(aux):
-    url = aux.url("rel-slow", "/v1/rerank")
+    url = aux.url("rel-limits", "/v1/rerank")
     # 1000 documents of about 1000 tokens: a million tokens, tens of seconds of scoring on this machine
     docs = [f"{i} " + "protein " * 1000 for i in range(1000)]
     t0 = time.monotonic()
@@ -123,14 +123,14 @@ def test_request_timeout_is_504_and_cancels_the_work(aux):
     took = time.monotonic() - t0
     assert r.status_code == 504, r.text[:300]
     err = ErrorResponse.model_validate(r.json())
-    assert err.type == "timeout_error" and "did not finish within 3 s" in err.message
-    assert took < 3 + 10, f"the 504 came after {took:.1f} s"
-    # the queued chunks were dropped: once the passes already running end, a small request is served well within
-    # the 3 s timeout (left running, the big request's work would hold it up for tens of seconds)
+    assert err.type == "timeout_error" and "did not finish within 5 s" in err.message
+    assert took < 5 + 10, f"the 504 came after {took:.1f} s"
+    # the work behind it stopped: once the (at most two) chunk calls in flight end, a small request is served well
+    # within the 5 s timeout (left running, the big request's work would hold it up for tens of seconds)
     time.sleep(1.0)
     small = {"query": "protein", "documents": ["46 grams a day", "a mountain summit"]}
     t0 = time.monotonic()
     r = httpx.post(url, json=small, timeout=120)
     assert r.status_code == 200, r.text[:300]
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 5
     assert len(RerankResponse.model_validate(r.json()).results) == 2

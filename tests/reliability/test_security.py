@@ -177,7 +177,7 @@ def test_cors_is_off_by_default(service):
 
 
 def test_cors_when_configured(aux):
-    url = aux.url("rel-limits", "/v1/rerank")
+    url = aux.url("rel-faults", "/v1/rerank")
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
     r = httpx.options(url, headers={"Origin": "https://app.example", **preflight}, timeout=60)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
@@ -188,8 +188,8 @@ def test_cors_when_configured(aux):
 
 
 def test_body_limit_applies_before_parsing(aux):
-    """rel-limits takes bodies up to 64 KiB: a declared or streamed body over it is a 413, read no further."""
-    url = aux.url("rel-limits", "/v1/rerank")
+    """rel-faults takes bodies up to 64 KiB: a declared or streamed body over it is a 413, read no further."""
+    url = aux.url("rel-faults", "/v1/rerank")
     u = urlparse(url)
     with socket.create_connection((u.hostname, u.port), timeout=30) as s:
         s.sendall(f"POST {u.path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
