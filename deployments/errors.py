@@ -52,18 +52,23 @@ class Timeout(RerankError):
     kind = "timeout"
 
 
-def unwrap(exc: BaseException) -> BaseException:
-    """The domain error inside a Ray/Serve wrapper (``RayTaskError(InvalidInput)`` keeps it as ``cause``)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if isinstance(exc, RerankError) and getattr(exc, "message", None) is not None:
-            return exc
+def _causes(exc: BaseException, limit: int = 8):
+    """``exc``, then what it wraps (``RayTaskError.cause`` or ``__cause__``), and so on (at most ``limit``)."""
+    for _ in range(limit):
+        yield exc
         inner = getattr(exc, "cause", None) or exc.__cause__
         if inner is None or inner is exc:
-            return exc
+            return
         exc = inner
-    return exc
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The domain error inside a Ray/Serve wrapper (``RayTaskError(InvalidInput)`` keeps it as ``cause``);
+    without one, the innermost exception."""
+    for e in _causes(exc):
+        if isinstance(e, RerankError) and getattr(e, "message", None) is not None:
+            return e
+    return e
 
 
 # a replica (or its node) died or became unreachable under a call: the call may be retried elsewhere
@@ -74,15 +79,11 @@ def replica_lost(exc: BaseException) -> bool:
     """True if ``exc`` says the replica serving a call went away (ActorDiedError, ActorUnavailableError, a
     crashed worker or node), also when Ray (``RayTaskError.cause``) or Serve (``__cause__`` of its "upstream
     actor died" error) wraps it. Domain errors are never a lost replica."""
-    for _ in range(8):
-        if isinstance(exc, RerankError):
+    for e in _causes(exc):
+        if isinstance(e, RerankError):
             return False
-        if isinstance(exc, _LOST):
+        if isinstance(e, _LOST):
             return True
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if inner is None or inner is exc:
-            return False
-        exc = inner
     return False
 
 

@@ -2,6 +2,7 @@
 
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -303,27 +304,20 @@ class Ingress:
         """``_call_chunk`` once one of the request's ``slots`` is free (limits.max_chunks_in_flight), tried once
         more with fresh handle calls when a replica died under it (scoring is idempotent; Serve routes the retry
         to a live replica). A second loss is a 503 with Retry-After."""
-        if slots is None:
-            return await self._score_chunk_retrying(handles, prep)
-        async with slots:
-            return await self._score_chunk_retrying(handles, prep)
-
-    async def _score_chunk_retrying(self, handles: dict, prep: PrepareRequest) -> ScoredChunk:
-        try:
-            return await self._call_chunk(handles, prep)
-        except Exception as e:  # only a lost replica is retried; anything else propagates as it is
-            if not replica_lost(e):
-                raise
-            log.warning("request %s: a replica went away while scoring (%s); retrying the chunk once",
-                        prep.request_id, type(e).__name__)
-        try:
-            return await self._call_chunk(handles, prep)
-        except Exception as e:
-            if not replica_lost(e):
-                raise
-            log.warning("request %s: a replica went away again (%s); answering 503", prep.request_id,
-                        type(e).__name__)
-            raise NotReady(LOST_REPLICA_MESSAGE, retry_after_s=2) from None
+        async with slots or contextlib.nullcontext():
+            for attempt in (1, 2):
+                try:
+                    return await self._call_chunk(handles, prep)
+                except Exception as e:  # only a lost replica is retried; anything else propagates as it is
+                    if not replica_lost(e):
+                        raise
+                    if attempt == 2:
+                        log.warning("request %s: a replica went away again (%s); answering 503",
+                                    prep.request_id, type(e).__name__)
+                        raise NotReady(LOST_REPLICA_MESSAGE, retry_after_s=2) from None
+                    log.warning("request %s: a replica went away while scoring (%s); retrying the chunk once",
+                                prep.request_id, type(e).__name__)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _translate(e: BaseException) -> BaseException:
