@@ -179,5 +179,7 @@ class AccessLogMiddleware:
                 "latency_ms": latency_ms,
                 "queue_ms": state.get("queue_ms"),
                 "forward_ms": state.get("forward_ms"),
+                "preprocess_ms": state.get("preprocess_ms"),
+                "score_ms": state.get("score_ms"),
             }
             access_log.info(json.dumps(line))

@@ -270,6 +270,8 @@ class Ingress:
         # where the time went (slowest chunk): waiting in the scorer's batch queue, and its forward pass
         request.state.queue_ms = round(max(sc.queue_ms for sc in scored), 2)
         request.state.forward_ms = round(max(sc.forward_ms for sc in scored), 2)
+        request.state.preprocess_ms = round(max(sc.preprocess_ms for sc in scored), 2)
+        request.state.score_ms = round(max(sc.score_ms for sc in scored), 2)
         return m, out
 
     @staticmethod
@@ -282,8 +284,10 @@ class Ingress:
         tiles) is chained instead, so the tiles go from preprocess to scorer without a detour through this
         replica. Cancelling this task cancels whichever call is in flight.
         """
+        t0 = time.monotonic()
         pre = handles["preprocess"].prepare.remote(prep)
-        if any(image is not None for _, image in prep.documents):
+        chained = any(image is not None for _, image in prep.documents)
+        if chained:
             scored = handles["scorer"].score.remote(pre)
         else:
             try:
@@ -292,11 +296,16 @@ class Ingress:
                 pre.cancel()
                 raise
             scored = handles["scorer"].score.remote(enc)
+        t1 = time.monotonic()
         try:
-            return await scored
+            sc: ScoredChunk = await scored
         except asyncio.CancelledError:
             scored.cancel()
             raise
+        t2 = time.monotonic()
+        sc.preprocess_ms = 0.0 if chained else (t1 - t0) * 1000  # chained: inside score_ms
+        sc.score_ms = (t2 - t1) * 1000
+        return sc
 
     async def _score_chunk(
         self, handles: dict, prep: PrepareRequest, slots: asyncio.Semaphore | None = None

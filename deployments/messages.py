@@ -32,3 +32,6 @@ class ScoredChunk:
     padded_tokens: int = 0
     queue_ms: float = 0.0
     forward_ms: float = 0.0
+    # filled in by the ingress: its round trips to the preprocess and scorer replicas (hops included)
+    preprocess_ms: float = 0.0
+    score_ms: float = 0.0
