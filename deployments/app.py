@@ -9,6 +9,7 @@ or CPU when ``accelerator`` resolves to cpu), and one ``Ingress`` over all of th
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ray import serve
@@ -37,11 +38,36 @@ def resolve_accelerator(args: AppArgs) -> bool:
     return args.accelerator == "gpu"
 
 
+# Serve's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) carries handle calls between replicas over
+# gRPC, whose messages are capped at 4 MiB by default: one page image's tiles (about 5.5 MB) would fail with
+# RESOURCE_EXHAUSTED. In that mode replicas get a cap that fits a chunk of full-page images.
+GRPC_MESSAGE_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+GRPC_MESSAGE_BYTES = 1024**3
+
+
+def grpc_between_replicas() -> bool:
+    """Whether Serve (as configured in this process's environment, the cluster's) uses gRPC between replicas."""
+    if os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") is not None:
+        return os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+    return os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
+
+
+def replica_env() -> dict[str, str]:
+    """Environment variables every replica gets: none in Serve's default mode; with gRPC between replicas, a
+    message cap that fits page images (unless the cluster's environment already sets one)."""
+    if not grpc_between_replicas() or os.environ.get(GRPC_MESSAGE_ENV):
+        return {}
+    return {GRPC_MESSAGE_ENV: str(GRPC_MESSAGE_BYTES)}
+
+
 def deployment_options(
     d: DeploymentArgs, default_ongoing: int, default_target: float, num_gpus: float = 0.0
 ) -> dict[str, Any]:
     """Serve options of one deployment: resources, scaling, and the bounded queue (503 + Retry-After)."""
     actor: dict[str, Any] = {"num_cpus": d.num_cpus}
+    env = replica_env()
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
     if num_gpus:
         actor["num_gpus"] = num_gpus
     if d.memory_gb:

@@ -29,7 +29,9 @@ local Ray otherwise; ``--ray-address local`` always starts a fresh local one.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import math
@@ -37,6 +39,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -302,6 +305,24 @@ def _image_for_wire(image: Any) -> str | None:
     return image if isinstance(image, str) else None
 
 
+class _HandleLoop:
+    """An asyncio event loop on a daemon thread, for deployment handle calls from synchronous code.
+
+    Handle calls made from inside this loop work in both of Serve's modes: by default Serve routes on a loop
+    of its own, but with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` it routes on the caller's loop and refuses a
+    synchronous ``.remote()`` made where no loop runs.
+    """
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="serve-handle-loop", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro):
+        """Schedule ``coro`` on the loop: a ``concurrent.futures.Future``; cancelling it cancels ``coro``."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
 class ServeBatchScorer:
     """``Dataset.map_batches`` UDF that scores through a running rerank service's deployment handles.
 
@@ -333,6 +354,7 @@ class ServeBatchScorer:
 
         from rerank_core.tokenization import normalize_truncate
 
+        self._loop = _HandleLoop()
         self.preprocess = serve.get_deployment_handle(f"Preprocess-{model_name}", app_name=app_name)
         self.scorer = serve.get_deployment_handle(f"Scorer-{model_name}", app_name=app_name)
         self.truncate = normalize_truncate(truncate)
@@ -359,7 +381,17 @@ class ServeBatchScorer:
             max_chunks=self.max_chunks,
             request_id="batch",
         )
-        return self.scorer.score.remote(self.preprocess.prepare.remote(req))
+        return self._loop.submit(self._call(req))
+
+    async def _call(self, req):
+        pre = self.preprocess.prepare.remote(req)
+        scored = self.scorer.score.remote(pre)
+        try:
+            return await scored
+        except asyncio.CancelledError:  # timed out here: stop the work behind it
+            scored.cancel()
+            pre.cancel()
+            raise
 
     def _send_all(self, chunks: list[tuple[str, list[int]]], docs) -> list[Any]:
         """Score every chunk, at most ``max_in_flight`` at a time: a ScoredChunk or the (unwrapped)
@@ -375,7 +407,11 @@ class ServeBatchScorer:
             def collect() -> None:
                 k, resp = window.popleft()
                 try:
-                    results[k] = resp.result(timeout_s=self.timeout_s)
+                    try:
+                        results[k] = resp.result(timeout=self.timeout_s)
+                    except concurrent.futures.TimeoutError:
+                        resp.cancel()
+                        raise TimeoutError(f"a chunk was not scored within {self.timeout_s:g} s") from None
                 except Exception as e:  # noqa: BLE001 - classified here
                     inner = _serve_error(e, unwrap)
                     if getattr(inner, "kind", None) in RETRY_KINDS and attempt < self.retries:

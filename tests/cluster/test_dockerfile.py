@@ -158,6 +158,13 @@ def test_no_model_weights_baked_in(ins):
     assert hf_home and hf_home.group(1).startswith("/data/")  # a mount path, filled at run time
 
 
+def test_serve_high_throughput_mode_is_on(ins):
+    # the mode tests/cluster/test_high_throughput.py checks; an ENV reaches every `ray start` in the image
+    env = " ".join(i.args for i in _of(ins, "ENV"))
+    assert re.search(r"\bRAY_SERVE_ENABLE_HA_PROXY=1\b", env)
+    assert re.search(r"\bRAY_SERVE_THROUGHPUT_OPTIMIZED=1\b", env)
+
+
 def test_ports_and_command(ins):
     exposed = {p for i in _of(ins, "EXPOSE") for p in i.words()}
     assert {"8000", "8265", "8080"} <= exposed

@@ -1,61 +1,24 @@
 """The app on a multi-node Ray cluster shaped like the RayService (see multinode_scenario.py).
 
-The scenario runs in a subprocess: other test directories start their own Ray in this pytest process,
-and one process cannot hold two Ray clusters. It gets a private RAY_TMPDIR so no other process on the
-machine can join its cluster through Ray's "current cluster" address file.
+The scenario runs in a subprocess with a Ray cluster of its own (see scenario_runner.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from .scenario_runner import REPO, run_scenario
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 TIMEOUT_S = int(os.environ.get("RERANK_MULTINODE_TIMEOUT_S", "480"))  # ~2-3 min normally
 
 
 @pytest.fixture(scope="module")
 def scenario() -> dict:
-    ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    # A new session, so on timeout the whole process group (the scenario and the Ray processes it
-    # started) can be killed, not just the Python child.
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "multinode_scenario.py")],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"multi-node scenario did not finish in {TIMEOUT_S} s; stderr tail:\n{stderr[-3000:]}")
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("SCENARIO_RESULT ")]
-    assert lines, f"no result (exit {proc.returncode}); stderr tail:\n{stderr[-4000:]}"
-    result = json.loads(lines[-1][len("SCENARIO_RESULT "):])
-    assert result["error"] is None, result["error"] + "\n--- stderr tail ---\n" + stderr[-3000:]
-    print("multi-node timings (s):", result["timings_s"])
-    return result
+    return run_scenario(HERE / "multinode_scenario.py", TIMEOUT_S)
 
 
 def _on(placement: dict, deployment: str) -> set[str]:
