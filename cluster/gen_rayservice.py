@@ -90,8 +90,15 @@ def load_serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
     return cfg
 
 
-def with_overrides(cfg: dict[str, Any], api_keys_file: str) -> dict[str, Any]:
-    """serve_config.yaml as the cluster runs it: GPUs always, keys from the mounted Secret."""
+# Ray node label of the RayService's CPU worker group (workerGroupSpecs[].labels). The ingress and preprocess
+# replicas select it, so they never land on a GPU pod: those advertise only the CPUs their scorers ask for,
+# and a CPU replica there would leave a scorer unschedulable.
+CPU_POOL_LABEL = {"rerank-pool": "cpu"}
+
+
+def with_overrides(cfg: dict[str, Any], api_keys_file: str, pin_cpu_pool: bool = False) -> dict[str, Any]:
+    """serve_config.yaml as the cluster runs it: GPUs always, keys from the mounted Secret; with
+    ``pin_cpu_pool`` (the RayService), CPU deployments select the CPU worker group's node label."""
     out = copy.deepcopy(cfg)
     for app in out["applications"]:
         args = app.setdefault("args", {})
@@ -101,6 +108,9 @@ def with_overrides(cfg: dict[str, Any], api_keys_file: str) -> dict[str, Any]:
         auth = args.get("auth") or {}
         auth["api_keys_file"] = api_keys_file
         args["auth"] = auth
+        if pin_cpu_pool:
+            for part in [args.setdefault("ingress", {})] + [m.setdefault("preprocess", {}) for m in args.get("models", [])]:
+                part["label_selector"] = dict(CPU_POOL_LABEL)
     return out
 
 
@@ -221,7 +231,7 @@ def header(source: str) -> str:
 def build(serve_config_path: Path = SERVE_CONFIG) -> dict[Path, str]:
     """Every generated file's path and content."""
     cfg = load_serve_config(serve_config_path)
-    k8s_cfg = with_overrides(cfg, API_KEYS_FILE)
+    k8s_cfg = with_overrides(cfg, API_KEYS_FILE, pin_cpu_pool=True)
     vm_cfg = with_overrides(cfg, VM_API_KEYS_FILE)
     app_args(k8s_cfg)  # refuse to render args the app would reject
 
@@ -238,6 +248,7 @@ def build(serve_config_path: Path = SERVE_CONFIG) -> dict[Path, str]:
             "serve_config_v2": serve_v2,
             "gpu_max_replicas": str(gpu_group_max_replicas(k8s_cfg)),
             "gpu_num_cpus": str(gpu_node_num_cpus(k8s_cfg)),
+            "cpu_pool_label": ", ".join(f"{k}: {v}" for k, v in CPU_POOL_LABEL.items()),
             "api_keys_secret": API_KEYS_SECRET,
             "api_keys_dir": API_KEYS_DIR,
         },

@@ -60,14 +60,14 @@ def app_args(tiny: dict[str, str], keys_file: str) -> dict:
     """serve_config.yaml's args as the cluster runs them, with tiny checkpoints and small num_cpus.
 
     Scorers keep serve_config.yaml's num_cpus / num_gpus (the GPU node is sized from them, as GPU pods
-    are) and start with exactly as many replicas as fill one GPU, so the GPU node has no logical CPU left
-    over. With spare CPU there, Serve's SPREAD placement may put ingress/preprocess replicas on the GPU
-    node (seen with a single scorer): deployments/ has no way yet to pin CPU deployments to CPU nodes.
+    are) and start with exactly as many replicas as fill one GPU. The ingress and preprocess replicas select
+    the CPU worker group's node label, as in the RayService; without it Serve's SPREAD placement sometimes
+    put one on the GPU node, and a scorer then found too little CPU there to start.
     """
     import yaml
 
     gen = _load_generator()
-    cfg = gen.with_overrides(yaml.safe_load((REPO / "serve_config.yaml").read_text()), keys_file)
+    cfg = gen.with_overrides(yaml.safe_load((REPO / "serve_config.yaml").read_text()), keys_file, pin_cpu_pool=True)
     args = copy.deepcopy(cfg["applications"][0]["args"])
     args["auth"]["reload_s"] = 0.5
     args["ingress"]["num_cpus"] = 0.1
@@ -140,12 +140,35 @@ def wait_for(pred, timeout: float, every: float = 0.5):
         time.sleep(every)
 
 
+def timer(result: dict, t0: float):
+    """``mark(name)``: record seconds since ``t0`` (``time.monotonic()``) under ``result["timings_s"][name]``."""
+
+    def mark(name: str) -> None:
+        result["timings_s"][name] = round(time.monotonic() - t0, 1)
+
+    return mark
+
+
+def prepare(result: dict, prefix: str) -> dict:
+    """Tiny checkpoints of both models and an API keys file in a temp dir (``result["_tmp"]``, removed by
+    ``main``), and the app's args for them (``app_args``)."""
+    from rerank_core.tiny import make_tiny
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ["RAY_TMPDIR"]))
+    result["_tmp"] = str(tmp)
+    tiny = {}
+    for kind, tok in (("text", SHARED / "tokenizers" / "llama3"), ("vl", SHARED / "tokenizers" / "llama3-vl")):
+        tok_dir = str(tok) if (tok / "tokenizer.json").exists() else None
+        tiny[kind] = make_tiny(kind, str(tmp / f"tiny-{kind}"), tokenizer=tok_dir)
+    keys_file = tmp / "keys"
+    keys_file.write_text(API_KEY + "\n")
+    return app_args(tiny, str(keys_file))
+
+
 def run(result: dict) -> None:
     t0 = time.monotonic()
     marks = result["timings_s"]
-
-    def mark(name: str) -> None:
-        marks[name] = round(time.monotonic() - t0, 1)
+    mark = timer(result, t0)
 
     import numpy as np
     import ray
@@ -154,17 +177,8 @@ def run(result: dict) -> None:
 
     from deployments.app import build_app
     from rerank_core import load_reranker
-    from rerank_core.tiny import make_tiny
 
-    tmp = Path(tempfile.mkdtemp(prefix="rerank-multinode-", dir=os.environ["RAY_TMPDIR"]))
-    result["_tmp"] = str(tmp)
-    tiny = {}
-    for kind, tok in (("text", SHARED / "tokenizers" / "llama3"), ("vl", SHARED / "tokenizers" / "llama3-vl")):
-        tok_dir = str(tok) if (tok / "tokenizer.json").exists() else None
-        tiny[kind] = make_tiny(kind, str(tmp / f"tiny-{kind}"), tokenizer=tok_dir)
-    keys_file = tmp / "keys"
-    keys_file.write_text(API_KEY + "\n")
-    args = app_args(tiny, str(keys_file))
+    args = prepare(result, "rerank-multinode-")
     models = {m["name"]: m for m in args["models"]}
     result["models"] = {name: {"id": m["id"], "kind": model_kind(m)} for name, m in models.items()}
     result["deployments"] = ["Ingress"] + [f"{p}-{n}" for n in models for p in ("Preprocess", "Scorer")]
@@ -180,7 +194,7 @@ def run(result: dict) -> None:
         shutdown_at_exit=True,
     )
     result["_cluster"] = cluster
-    cpu_a = cluster.add_node(num_cpus=2)
+    cpu_a = cluster.add_node(num_cpus=2, labels=dict(gen.CPU_POOL_LABEL))  # the RayService's CPU group
     gpu = cluster.add_node(num_cpus=gpu_cpus, num_gpus=1)
     nodes = {"head": cluster.head_node.node_id, "cpu_a": cpu_a.node_id, "gpu": gpu.node_id}
     result["nodes"] = nodes
@@ -223,7 +237,7 @@ def run(result: dict) -> None:
     mark("checked_serving")
 
     # ------------------------------------------------------------------ lose the CPU node under traffic
-    cpu_b = cluster.add_node(num_cpus=2)
+    cpu_b = cluster.add_node(num_cpus=2, labels=dict(gen.CPU_POOL_LABEL))
     nodes["cpu_b"] = cpu_b.node_id
     mark("cpu_b_added")
     log: list[tuple[float, int]] = []
@@ -263,7 +277,9 @@ def run(result: dict) -> None:
     check("rerank_final")
 
 
-def main() -> int:
+def main(scenario=None) -> int:
+    """Run ``scenario(result)`` (this file's ``run`` by default), clean up, print the result line."""
+    scenario = scenario or run
     result: dict = {"timings_s": {}, "error": None}
     t0 = time.monotonic()
     # A private Ray temp dir: Cluster() records its address in <temp>/ray/ray_current_cluster, and a plain
@@ -274,7 +290,7 @@ def main() -> int:
         os.environ["RAY_TMPDIR"] = own_tmpdir
     result["ray_tmpdir"] = os.environ["RAY_TMPDIR"]
     try:
-        run(result)
+        scenario(result)
     except BaseException as e:  # noqa: BLE001 - reported to the test, cleaned up below
         result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-4000:]}"
     finally:

@@ -129,12 +129,15 @@ def test_serve_config_v2_is_a_valid_serve_config(serve_v2):
         assert args.auth.api_keys_file == gen.API_KEYS_FILE
 
 
-def test_serve_config_v2_is_serve_config_plus_the_two_overrides(serve_v2, serve_config):
-    """Undo the intended overrides; what is left must be serve_config.yaml exactly."""
+def test_serve_config_v2_is_serve_config_plus_the_overrides(serve_v2, serve_config):
+    """Undo the intended overrides (accelerator, keys file, the CPU pool's label selector); what is left must
+    be serve_config.yaml exactly."""
     undone = copy.deepcopy(serve_v2)
     for got, orig in zip(undone["applications"], serve_config["applications"], strict=True):
         got["args"]["accelerator"] = orig["args"]["accelerator"]
         got["args"]["auth"]["api_keys_file"] = orig["args"]["auth"]["api_keys_file"]
+        for part in [got["args"]["ingress"]] + [m["preprocess"] for m in got["args"]["models"]]:
+            assert part.pop("label_selector") == gen.CPU_POOL_LABEL
     assert undone == serve_config
 
 
@@ -241,6 +244,18 @@ def test_cpu_group_for_ingress_and_preprocessing(rs):
     g = groups(rs)["cpu"]
     assert g["minReplicas"] >= 1 and g["maxReplicas"] >= g["minReplicas"]
     assert not any("gpu" in k for k in ray_container(g)["resources"]["limits"])
+
+
+def test_cpu_deployments_select_the_cpu_group_label(rs, serve_v2):
+    # GPU pods advertise only their scorers' CPUs: an ingress or preprocess replica there would starve a scorer
+    labels = groups(rs)["cpu"]["labels"]
+    assert labels == gen.CPU_POOL_LABEL and "labels" not in groups(rs)["gpu"]
+    for app in serve_v2["applications"]:
+        args = app["args"]
+        assert args["ingress"]["label_selector"] == labels
+        for m in args["models"]:
+            assert m["preprocess"]["label_selector"] == labels, m["name"]
+            assert "label_selector" not in m["scorer"], m["name"]
 
 
 def test_every_container_has_requests_and_limits(rs):
@@ -444,6 +459,9 @@ def test_ray_cluster_yaml_shape():
     assert cfg["file_mounts"]["/home/ubuntu/rerank"] == "."
     assert any("ray start --head" in c and "--num-cpus=0" in c for c in cfg["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"])
+    for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:  # the image's Serve mode
+        if "ray start" in c:
+            assert "RAY_SERVE_ENABLE_HA_PROXY=1" in c and "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in c, c
 
 
 def test_ray_cluster_gpu_nodes_fit_the_serve_config(serve_config):
