@@ -95,6 +95,19 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+# Serve's modes: "high-throughput" is what cluster/ deploys (HAProxy, direct ingress, gRPC between replicas);
+# "default" is a plain `serve run` with Serve's Python proxy.
+SERVE_MODES = {
+    "default": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+    "high-throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def service_env(mode: str) -> dict[str, str]:
+    """Environment for `serve run` (it starts the local Ray cluster, so every Ray process inherits it)."""
+    return dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), **SERVE_MODES[mode])
+
+
 def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None) -> Path:
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     app = cfg["applications"][0]
@@ -136,8 +149,7 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
 def run_service(ckpt: Path, args: argparse.Namespace) -> dict:
     port = 18200
     cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk)
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
-    proc = subprocess.Popen(["serve", "run", str(cfg)], env=env, start_new_session=True,
+    proc = subprocess.Popen(["serve", "run", str(cfg)], env=service_env(args.serve_mode), start_new_session=True,
                             stdout=open(RESULTS / "service.log", "w"), stderr=subprocess.STDOUT)
     try:
         ready_s = wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc)
@@ -188,6 +200,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="16")
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--serve-mode", choices=sorted(SERVE_MODES), default="high-throughput",
+                    help="Serve's request path (default: high-throughput, as cluster/ deploys it)")
     ap.add_argument("--docs-per-chunk", type=int, default=None, help="override limits.docs_per_chunk")
     ap.add_argument("--ceiling-requests", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=1, help="alternate service and vLLM this many times")
@@ -199,7 +213,7 @@ def main() -> None:
     report: dict = {"checkpoint": "hidden 256, 4 layers, 4 heads / 1 KV head, head_dim 64, real tokenizer, float32",
                     "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens,
                                  "concurrency": args.concurrency, "duration_s": args.duration},
-                    "threads": args.threads}
+                    "threads": args.threads, "serve_mode": args.serve_mode}
     if "ceiling" not in skip:
         report["ceiling"] = run_ceiling(ckpt, args)
         print(json.dumps({"ceiling": report["ceiling"]}), flush=True)
