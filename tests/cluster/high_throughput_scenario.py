@@ -14,6 +14,7 @@ shut down in ``finally`` whatever happens.
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import os
 import sys
@@ -36,6 +37,7 @@ from tests.cluster.multinode_scenario import (  # noqa: E402
     post,
     prepare,
     timer,
+    wait_for,
 )
 
 
@@ -77,36 +79,35 @@ def run(result: dict) -> None:
         "direct_ingress": constants.RAY_SERVE_ENABLE_DIRECT_INGRESS,
         "grpc_between_replicas": constants.RAY_SERVE_USE_GRPC_BY_DEFAULT,
     }
-    result["ready_status"] = None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # HAProxy picks up the ingress replica shortly after serve.run
+    def ready_status() -> int | None:
         import urllib.request
 
         try:
             with urllib.request.urlopen(f"{base}/v1/health/ready", timeout=5) as r:
-                result["ready_status"] = r.status
-                break
+                return r.status
         except Exception:  # noqa: BLE001 - not routed yet
-            time.sleep(0.5)
+            return None
+
+    # HAProxy picks up the ingress replica shortly after serve.run
+    result["ready_status"] = wait_for(ready_status, timeout=60)
     mark("ready")
 
     images = [png_data_url((200, 30, 30)), png_data_url((30, 200, 30), (300, 200))]
     for name, m in models.items():
         r = load_reranker(m["source"], device="cpu")
         if model_kind(m) == "vl":
-            docs: list = [DOCS[0], {"image": images[0]}, {"text": DOCS[1], "image": images[1]}]
-            wire = [DOCS[0], {"image": images[0]}, {"text": DOCS[1], "image": images[1]}]
+            wire: list = [DOCS[0], {"image": images[0]}, {"text": DOCS[1], "image": images[1]}]
             local_docs = [DOCS[0], {"image": base64.b64decode(images[0].split(",", 1)[1])},
                           {"text": DOCS[1], "image": base64.b64decode(images[1].split(",", 1)[1])}]
         else:
-            docs = wire = local_docs = DOCS
+            wire = local_docs = DOCS
         expected = np.asarray(r.score(QUERY, local_docs), dtype=np.float64)
         status, body = post(f"{base}/v1/rerank", {"model": m["id"], "query": QUERY, "documents": wire,
                                                   "raw_scores": True})
-        entry = result.setdefault("rerank", {})[name] = {"status": status, "documents": len(docs)}
+        entry = result.setdefault("rerank", {})[name] = {"status": status, "documents": len(wire)}
         if status == 200:
             got = {x["index"]: x["relevance_score"] for x in body["results"]}
-            entry["max_abs_diff"] = float(max(abs(got[i] - expected[i]) for i in range(len(docs))))
+            entry["max_abs_diff"] = float(max(abs(got[i] - expected[i]) for i in range(len(wire))))
             entry["indices"] = [x["index"] for x in body["results"]]
             entry["expected_indices"] = [int(i) for i in np.argsort(-expected, kind="stable")]
     mark("scored")
@@ -148,9 +149,7 @@ def run(result: dict) -> None:
     stop.set()
     for w in workers:
         w.join(timeout=60)
-    counts: dict[str, int] = {}
-    for st in statuses[before_kill:]:
-        counts[str(st)] = counts.get(str(st), 0) + 1
+    counts = dict(collections.Counter(str(st) for st in statuses[before_kill:]))
     result["scorer_kill"] = {"before": before_kill, "after": counts, "last": statuses[-1] if statuses else None}
     result["after_kill_status"] = post(f"{base}/v1/rerank", {"query": QUERY, "documents": DOCS}, timeout=60)[0]
     mark("scorer_kill")
