@@ -4,7 +4,8 @@
 
 Generates the same kind of workload as loadgen.py (fresh texts), encodes every request, packs all pairs
 of all requests together (one global length sort: the best packing there is) and runs them through the
-model. Prints pairs/s for the forward passes alone and for encode + forward.
+model in forward passes of the size a CPU scorer uses (``cpu_forward_tokens``, 4096 tokens). Prints
+pairs/s for the forward passes alone and for encode + forward.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workload import Cell  # noqa: E402
 
 from loadgen import make_requests  # noqa: E402
+from deployments.config import ScorerArgs  # noqa: E402
 from rerank_core import load_reranker  # noqa: E402
+
+CPU_PASS_TOKENS = ScorerArgs.model_fields["cpu_forward_tokens"].default
 
 
 def main() -> None:
@@ -34,7 +38,8 @@ def main() -> None:
     ap.add_argument("--doc-tokens", default="64,512")
     ap.add_argument("--query-words", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--max-batch-tokens", type=int, default=CPU_PASS_TOKENS,
+                    help="tokens per forward pass (default: the CPU scorer's cpu_forward_tokens)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()

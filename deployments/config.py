@@ -94,14 +94,24 @@ class ScorerArgs(DeploymentArgs):
         "use 1/n). Ignored (0) when `accelerator` resolves to cpu.",
     )
     max_batch_tokens: int = Field(
-        16384, ge=256, description="Padded-token budget of one forward pass (pairs x longest pair)."
+        16384,
+        ge=256,
+        description="Token budget of one batch and of one forward pass: real tokens for the text model (its "
+        "pairs are packed without padding), padded tokens (pairs x longest pair) for the VL model.",
     )
     cpu_forward_tokens: int = Field(
         4096,
         ge=256,
-        description="On CPU, split each batch into forward passes of at most this many padded tokens "
+        description="On CPU, split each batch into forward passes of at most this many tokens "
         "(smaller passes stay in cache: about 25% more tokens/s than 16k-token passes on a 2-core AVX2 "
         "machine). Batches still gather up to max_batch_tokens, so the length sort stays tight.",
+    )
+    attention_group_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Text model: padded tokens per attention group inside a packed forward pass (pairs of "
+        "close lengths attend as one padded block; projections and MLP see no padding). Default: 512 on CPU, "
+        "4096 on GPU.",
     )
     max_batch_tiles: int = Field(64, ge=1, description="Image tiles per forward pass (VL model).")
     batch_token_unit: int = Field(

@@ -56,7 +56,8 @@ class Scorer:
     The batch queue (strict FIFO by default, or Serve's ``@serve.batch`` with ``batch_size_fn``) counts
     each queued chunk as ``ceil(tokens / unit)`` (capped at the budget, so one big chunk forms a batch on
     its own); the batch is then packed by ``rerank_core.batching.pack``, longest first, into forward
-    passes of at most ``max_batch_tokens`` padded tokens.
+    passes of at most ``max_batch_tokens`` tokens (real tokens for the text model, which packs pairs without
+    padding; padded tokens for the VL model).
     """
 
     def __init__(self, model: dict, scorer: dict, use_gpu: bool):
@@ -80,6 +81,8 @@ class Scorer:
         )
         if self.reranker.kind == "vl":
             self.reranker.max_batch_tiles = self.cfg.max_batch_tiles
+        elif self.cfg.attention_group_tokens:
+            self.reranker.attention_group_tokens = self.cfg.attention_group_tokens
         if device == "cpu":
             self.reranker.max_batch_tokens = min(self.cfg.max_batch_tokens, self.cfg.cpu_forward_tokens)
         if self.cfg.compile and device == "cuda":

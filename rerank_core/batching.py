@@ -4,6 +4,11 @@ Pairs are sorted by length (longest first) and taken greedily: a micro-batch gro
 ``len(batch) * longest <= max_tokens`` (and the optional pair and image-tile caps hold). Sorting keeps
 neighbours close in length, so padding stays small; results are put back in input order by the caller
 with ``PackPlan.scatter``. One pair longer than the budget gets a micro-batch of its own.
+
+``pack_varlen`` plans for a model that runs its token-wise layers (projections, MLP, norms) on the real
+tokens only, concatenated without padding: micro-batches are then attention groups (padded only inside
+attention, and kept small so lengths in a group stay close), and consecutive groups share one forward
+pass of at most ``max_tokens`` real tokens.
 """
 
 from __future__ import annotations
@@ -30,8 +35,16 @@ class MicroBatch:
 
 @dataclass(frozen=True)
 class PackPlan:
+    """``batches``: micro-batches (padded tensors, or attention groups of a varlen pass). ``passes``: which
+    consecutive batches run in one forward pass (None: each batch is its own pass)."""
+
     batches: tuple[MicroBatch, ...]
     n: int
+    passes: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def forward_passes(self) -> tuple[tuple[int, ...], ...]:
+        return self.passes if self.passes is not None else tuple((k,) for k in range(len(self.batches)))
 
     @property
     def real_tokens(self) -> int:
@@ -97,6 +110,26 @@ def pack(
         tile_sum += t
     close()
     return PackPlan(tuple(batches), len(lengths))
+
+
+def pack_varlen(lengths: Sequence[int], max_tokens: int, group_tokens: int) -> PackPlan:
+    """Attention groups of at most ``group_tokens`` padded tokens (``pack``), combined in order into
+    forward passes of at most ``max_tokens`` real tokens. A group over the pass budget runs alone."""
+    if group_tokens < 1:
+        raise ValueError("group_tokens must be positive")
+    plan = pack(lengths, min(group_tokens, max_tokens))
+    passes: list[tuple[int, ...]] = []
+    current: list[int] = []
+    real = 0
+    for k, b in enumerate(plan.batches):
+        if current and real + b.real_tokens > max_tokens:
+            passes.append(tuple(current))
+            current, real = [], 0
+        current.append(k)
+        real += b.real_tokens
+    if current:
+        passes.append(tuple(current))
+    return PackPlan(plan.batches, plan.n, tuple(passes))
 
 
 def pad_ids(rows: Sequence[np.ndarray], pad_id: int, length: int | None = None, left: bool = False):

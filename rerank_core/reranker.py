@@ -3,7 +3,8 @@
 The work is split in three steps that the Serve deployments and Ray Data reuse:
 
 * ``encode`` (CPU): prompts, tokens, truncation -> ``EncodedPairs``;
-* ``forward_rows`` (GPU or CPU): token rows packed under a token budget -> float32 logits per row;
+* ``forward_rows`` (GPU or CPU): token rows packed under a token budget -> float32 logits per row (the
+  text model packs real tokens without padding; see ``models.llama_bidirectional``);
 * ``finalize``: per-pair logits -> per-document logits (max over a document's chunks).
 """
 
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .batching import PackPlan, pack, pad_ids
+from .batching import PackPlan, pack, pack_varlen, pad_ids
 from .checkpoint import load_state_dict_strict, resolve_source
 from .config import CheckpointInfo, read_checkpoint_config
 from .errors import InvalidInput
@@ -75,7 +76,13 @@ class RerankResult:
 
 
 class Reranker:
-    """A loaded text cross-encoder. Thread-compatible, not thread-safe (one forward at a time)."""
+    """A loaded text cross-encoder. Thread-compatible, not thread-safe (one forward at a time).
+
+    ``max_batch_tokens``: real tokens per forward pass. ``attention_group_tokens``: padded tokens per
+    attention group inside a pass (pairs of close lengths attend as one padded block; only attention
+    sees padding). Default: 512 on CPU (tight groups: +8-20% tokens/s over padded passes on 2 AVX2
+    cores), 4096 on GPU (fewer, larger kernels).
+    """
 
     kind = "text"
 
@@ -89,6 +96,7 @@ class Reranker:
         max_batch_tokens: int = 16384,
         apply_temperature: bool = False,
         source: str | None = None,
+        attention_group_tokens: int | None = None,
     ):
         self.info = info
         self.model = model
@@ -99,6 +107,7 @@ class Reranker:
         self.apply_temperature = apply_temperature
         self.source = source or info.path
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.attention_group_tokens = int(attention_group_tokens or (512 if device.type == "cpu" else 4096))
 
     @property
     def max_length(self) -> int:
@@ -145,10 +154,11 @@ class Reranker:
 
     # -- forward -------------------------------------------------------------------------------------
     def plan_rows(self, rows: Sequence[np.ndarray], tiles: Sequence[np.ndarray | None] | None = None) -> PackPlan:
-        """Micro-batches for these token rows under ``max_batch_tokens`` (longest first)."""
+        """Attention groups (longest first) and the forward passes of ``max_batch_tokens`` real tokens
+        that hold them (``batching.pack_varlen``)."""
         if tiles is not None and any(t is not None for t in tiles):
             raise InvalidInput("this text model cannot score images", param="documents")
-        return pack([len(r) for r in rows], self.max_batch_tokens)
+        return pack_varlen([len(r) for r in rows], self.max_batch_tokens, self.attention_group_tokens)
 
     def forward_rows(
         self,
@@ -158,15 +168,32 @@ class Reranker:
     ) -> np.ndarray:
         """Float32 logits, one per token row, in input order.
 
-        ``tiles`` (VL model only): per row, its uint8 image tiles [T, S, S, 3] or None. ``plan``: the
-        micro-batches from ``plan_rows`` (computed here when not given).
+        ``tiles`` (VL model only): per row, its uint8 image tiles [T, S, S, 3] or None. ``plan``: from
+        ``plan_rows`` (computed here when not given). A plan with ``passes`` runs packed passes; one
+        without (``batching.pack``) runs each micro-batch as a padded tensor.
         """
         if not rows:
             return np.zeros(0, dtype=np.float32)
         tiles = list(tiles) if tiles is not None else [None] * len(rows)
         plan = plan or self.plan_rows(rows, tiles)
-        outputs = [self._forward_batch([rows[i] for i in b.indices], [tiles[i] for i in b.indices]) for b in plan.batches]
+        if plan.passes is None:
+            outputs = [self._forward_batch([rows[i] for i in b.indices], [tiles[i] for i in b.indices]) for b in plan.batches]
+        else:
+            outputs = []
+            for p in plan.passes:
+                outputs.extend(self._forward_pass([[rows[i] for i in plan.batches[k].indices] for k in p]))
         return plan.scatter(outputs)
+
+    @torch.inference_mode()
+    def _forward_pass(self, groups: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+        """One packed pass: token rows by attention group -> logits by group."""
+        from .models.llama_bidirectional import packed_layout
+
+        layout = packed_layout([[len(r) for r in g] for g in groups], self.device)
+        ids = np.concatenate([r for g in groups for r in g]).astype(np.int64, copy=False)
+        logits = self.model.forward_packed(self._to_device(ids), layout, apply_temperature=self.apply_temperature)
+        flat = logits.float().cpu().numpy()
+        return np.split(flat, np.cumsum([len(g) for g in groups])[:-1])
 
     @torch.inference_mode()
     def _forward_batch(self, rows: Sequence[np.ndarray], tiles: Sequence[np.ndarray | None]) -> np.ndarray:

@@ -9,14 +9,25 @@ Module names follow the published checkpoint so ``state_dict()`` keys equal the 
 ``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ..., ``model.norm.weight``,
 ``score.weight``.
 
-Shapes: B = batch, L = padded length, H = hidden size, Nh = query heads, Nkv = key/value heads,
-D = head dim.
+Two layouts run the same weights:
+
+* padded (``forward``): ``[B, L]`` token ids with a mask; every layer works on ``B * L`` positions.
+* packed (``forward_packed``): the real tokens of all sequences concatenated, ``[T]``. Projections, MLP
+  and norms work on the ``T`` real tokens only; attention gathers each group of similar-length sequences
+  into a small padded block (``PackedLayout``), runs SDPA with a key mask, and scatters back. No pad
+  token ever reaches a matmul, so the padded/real ratio only costs inside attention.
+
+Shapes: B = batch, L = padded length, T = packed tokens, H = hidden size, Nh = query heads,
+Nkv = key/value heads, D = head dim.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,27 +77,36 @@ def llama3_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the given positions, computed in float32 and cast to the activation dtype."""
+    """cos/sin half tables for the given positions, computed in float32 and cast to the activation dtype."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.register_buffer("inv_freq", llama3_inv_freq(cfg), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, L] -> cos, sin [B, 1, L, D]."""
+        """positions [B, L] -> cos, sin [B, L, 1, D/2].
+
+        HF Llama repeats the D/2 frequencies twice (``cat(freqs, freqs)``); both halves of a head see the
+        same angle, so half tables carry the same values with half the memory traffic.
+        """
         freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return freqs.cos().to(dtype)[:, :, None], freqs.sin().to(dtype)[:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX-style (rotate-half) rotary embedding, the layout of HF Llama q/k weights."""
-    return x * cos + _rotate_half(x) * sin
+    """NeoX-style (rotate-half) rotary embedding, the layout of HF Llama q/k weights.
+
+    x [B, L, N, D] (any strides), cos/sin [B, L, 1, D/2] -> a new contiguous [B, L, N, D]:
+    ``first = x1*cos - x2*sin``, ``second = x2*cos + x1*sin``, written straight into the output halves
+    (no rotated copy, no concatenation).
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    first, second = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=first).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=second).addcmul_(x1, sin)
+    return out
 
 
 class Attention(nn.Module):
@@ -111,22 +131,57 @@ class Attention(nn.Module):
         self.qkv_weight, self.qkv_bias = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, H]; key_mask bool [B, 1, 1, L] (True = real key) -> [B, L, H]."""
+        """x [B, L, H]; cos/sin [B, L, 1, D/2]; key_mask bool [B, 1, 1, L] (True = real key) -> [B, L, H]."""
         bsz, length, _ = x.shape
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         if self.qkv_weight is not None:
-            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
-            q, k, v = qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
+            # q and k side by side as heads [B, L, Nh + Nkv, D]: one rotary pass for both
+            qk = apply_rotary(qkv[..., : (nh + nkv) * d].view(bsz, length, nh + nkv, d), cos, sin)
+            q, k = qk[:, :, :nh], qk[:, :, nh:]
+            v = qkv[..., (nh + nkv) * d :].view(bsz, length, nkv, d)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(bsz, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(bsz, length, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.reshape(bsz, length, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = apply_rotary(self.q_proj(x).view(bsz, length, nh, d), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(bsz, length, nkv, d), cos, sin)
+            v = self.v_proj(x).view(bsz, length, nkv, d)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=key_mask,
+            scale=d**-0.5,
+            enable_gqa=nkv != nh,
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, -1))
+
+    def forward_packed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: "PackedLayout") -> torch.Tensor:
+        """x [T, H]; cos/sin [T, 1, D/2] -> [T, H]: attention per group of ``layout``."""
+        t = x.shape[0]
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_weight is not None:
+            heads = F.linear(x, self.qkv_weight, self.qkv_bias).view(t, nh + 2 * nkv, d)
+        else:
+            heads = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).view(t, nh + 2 * nkv, d)
+        qk = apply_rotary(heads[:, : nh + nkv], cos, sin)  # [T, Nh + Nkv, D]
+        v = heads[:, nh + nkv :]
+        out = torch.empty((t, nh * d), dtype=x.dtype, device=x.device)
+        for g in layout.groups:
+            if g.gather is None:  # no padding: the group's tokens are already [b, L] in order
+                qk_g = qk[g.start : g.end].view(g.b, g.length, nh + nkv, d)
+                v_g = v[g.start : g.end].view(g.b, g.length, nkv, d)
+            else:
+                qk_g, v_g = qk[g.gather], v[g.gather]  # [b, L, *, D]; pad slots repeat a real token
+            o = F.scaled_dot_product_attention(
+                qk_g[:, :, :nh].transpose(1, 2),
+                qk_g[:, :, nh:].transpose(1, 2),
+                v_g.transpose(1, 2),
+                attn_mask=g.key_mask,
+                scale=d**-0.5,
+                enable_gqa=nkv != nh,
+            )
+            o = o.transpose(1, 2).reshape(g.b * g.length, nh * d)
+            out[g.start : g.end] = o if g.real is None else o[g.real]
+        return self.o_proj(out)
 
 
 def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -173,7 +228,7 @@ class MLP(nn.Module):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
         half = gate_up.shape[-1] // 2
-        act = F.silu(gate_up[..., :half])
+        act = F.silu(gate_up[..., :half], inplace=True)  # in place: no second [T, I] buffer to allocate
         return self.down_proj(act.mul_(gate_up[..., half:]))
 
 
@@ -188,8 +243,85 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, key_mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, key_mask)  # a new h: the input stays intact
+        return h.add_(self.mlp(self.post_attention_layernorm(h)))
+
+    def forward_packed(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: "PackedLayout") -> torch.Tensor:
+        h = h + self.self_attn.forward_packed(self.input_layernorm(h), cos, sin, layout)
+        return h.add_(self.mlp(self.post_attention_layernorm(h)))
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences ``[start, end)`` of the packed tokens that attend as one padded block [b, L].
+
+    ``gather`` [b, L]: packed token index of every slot (a pad slot repeats its row's first token; the
+    key mask hides it, and its output is dropped); ``real`` [n]: the slots of real tokens in the
+    flattened block, in packed order; ``key_mask`` [b, 1, 1, L]. All three are None when the group has
+    no padding (every sequence of length L).
+    """
+
+    start: int
+    end: int
+    b: int
+    length: int
+    gather: torch.Tensor | None
+    real: torch.Tensor | None
+    key_mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each sequence's tokens sit in a packed pass. ``positions`` [T] (0..n-1 per sequence),
+    ``segment`` [T] (sequence index of every token), ``lengths`` [S], ``groups`` in packed order."""
+
+    positions: torch.Tensor
+    segment: torch.Tensor
+    lengths: torch.Tensor
+    groups: tuple[AttentionGroup, ...]
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+def packed_layout(group_lengths: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> PackedLayout:
+    """Layout for sequences concatenated group after group (sequences in the order given).
+
+    ``group_lengths``: per attention group, the lengths of its sequences. Index tensors are built with
+    numpy on the host and moved to ``device`` once per pass.
+    """
+    lengths = np.asarray([n for g in group_lengths for n in g], dtype=np.int64)
+    if lengths.size == 0 or lengths.min() < 1:
+        raise ValueError("every sequence needs at least one token")
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    total = int(lengths.sum())
+    segment = np.repeat(np.arange(len(lengths)), lengths)
+    positions = np.arange(total) - np.repeat(starts, lengths)
+
+    def put(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
+    groups = []
+    seq = 0
+    for g in group_lengths:
+        lens = np.asarray(g, dtype=np.int64)
+        b, longest = len(lens), int(lens.max())
+        first = int(starts[seq])
+        end = first + int(lens.sum())
+        if (lens == longest).all():
+            groups.append(AttentionGroup(first, end, b, longest, None, None, None))
+        else:
+            slot = np.arange(longest)[None, :]
+            valid = slot < lens[:, None]  # [b, L]
+            row_start = starts[seq : seq + b][:, None]
+            gather = np.where(valid, row_start + slot, row_start)
+            real = np.flatnonzero(valid.reshape(-1))  # row-major = packed order within the group
+            groups.append(
+                AttentionGroup(first, end, b, longest, put(gather), put(real), put(valid[:, None, None, :].copy()))
+            )
+        seq += b
+    return PackedLayout(put(positions), put(segment), put(lengths), tuple(groups))
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -227,6 +359,15 @@ class LlamaBidirectionalModel(nn.Module):
             h = layer(h, cos, sin, key_mask)
         return self.norm(h)
 
+    def forward_packed(self, input_ids: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """input_ids [T] (real tokens only, laid out by ``layout``) -> last hidden state [T, H]."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(layout.positions[None], h.dtype)  # [1, T, 1, D/2]
+        cos, sin = cos[0], sin[0]
+        for layer in self.layers:
+            h = layer.forward_packed(h, cos, sin, layout)
+        return self.norm(h)
+
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean over real positions, in float32. hidden [B, L, H], mask [B, L] -> [B, H]."""
@@ -253,6 +394,18 @@ class LlamaBidirectionalForSequenceClassification(nn.Module):
     ) -> torch.Tensor:
         hidden = self.model(attention_mask, input_ids=input_ids)
         return head_logits(self.score, masked_mean(hidden, attention_mask), self.config.temperature, apply_temperature)
+
+    def forward_packed(self, input_ids: torch.Tensor, layout: PackedLayout, apply_temperature: bool = False) -> torch.Tensor:
+        """input_ids [T] packed by ``layout`` -> logits [S] (one per sequence, in layout order)."""
+        hidden = self.model.forward_packed(input_ids, layout)
+        return head_logits(self.score, packed_mean(hidden, layout), self.config.temperature, apply_temperature)
+
+
+def packed_mean(hidden: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """Mean over each sequence's tokens, in float32. hidden [T, H] -> [S, H]."""
+    sums = torch.zeros((layout.num_sequences, hidden.shape[-1]), dtype=torch.float32, device=hidden.device)
+    sums.index_add_(0, layout.segment, hidden.float())
+    return sums / layout.lengths.to(torch.float32)[:, None]
 
 
 def head_logits(score: nn.Linear, pooled: torch.Tensor, temperature: float, apply_temperature: bool) -> torch.Tensor:

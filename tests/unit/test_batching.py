@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from rerank_core.batching import pack, pad_ids
+from rerank_core.batching import pack, pack_varlen, pad_ids
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -23,6 +23,27 @@ def test_every_index_once_and_budget_held(seed):
         assert len(b.indices) <= 64
         assert b.real_tokens == sum(lengths[i] for i in b.indices)
     assert plan.real_tokens == sum(lengths)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_varlen_passes_hold_real_tokens_and_groups_stay_in_order(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 1500) for _ in range(rng.randint(1, 300))]
+    plan = pack_varlen(lengths, max_tokens=4096, group_tokens=512)
+    assert sorted(i for b in plan.batches for i in b.indices) == list(range(len(lengths)))
+    assert [k for p in plan.passes for k in p] == list(range(len(plan.batches)))  # every group once, in order
+    for b in plan.batches:
+        assert b.padded_tokens <= 512 or len(b.indices) == 1
+    for p in plan.passes:
+        real = sum(plan.batches[k].real_tokens for k in p)
+        assert real <= 4096 or len(p) == 1
+    # attention groups of 512 padded tokens keep padding far below passes padded as a whole
+    assert plan.padding_ratio <= pack(lengths, 4096).padding_ratio + 1e-9
+
+
+def test_plain_plan_runs_each_batch_as_a_pass():
+    plan = pack([3, 2, 9], max_tokens=9)
+    assert plan.passes is None and plan.forward_passes == ((0,), (1,))  # [9], [3, 2]
 
 
 def test_oversized_item_gets_its_own_batch():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rerank_core import load_reranker
-from rerank_core.batching import pad_ids
+from rerank_core.batching import pack, pack_varlen, pad_ids
+from rerank_core.models.llama_bidirectional import packed_layout
 
 QUERY = "how much protein should a female eat?"
 DOCS = [
@@ -68,6 +69,35 @@ def test_batched_equals_single(text_reranker):
     batched = text_reranker.score(QUERY, docs)
     single = [text_reranker.score(QUERY, [d])[0] for d in docs]
     np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("group_tokens,pass_tokens", [(16, 64), (64, 300), (512, 4096), (1 << 20, 1 << 20)])
+def test_packed_passes_equal_padded_batches(text_reranker, group_tokens, pass_tokens):
+    """Real tokens only through the matmuls, padding only inside attention groups: same logits as padded
+    batches. Duplicated documents make groups without any padding (the no-gather path)."""
+    docs = [d * k for k, d in enumerate(DOCS + MULTILINGUAL, start=1)] + DOCS + DOCS
+    enc = text_reranker.encode(QUERY, docs)
+    rows = [enc.pair(i) for i in range(len(enc.lengths))]
+    lengths = [len(r) for r in rows]
+    padded = text_reranker.forward_rows(rows, plan=pack(lengths, 1 << 20))
+    plan = pack_varlen(lengths, pass_tokens, group_tokens)
+    assert plan.passes is not None
+    packed = text_reranker.forward_rows(rows, plan=plan)
+    np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=0)
+
+
+def test_packed_layout_points_at_the_right_tokens():
+    layout = packed_layout([[5, 3], [2, 2]])
+    assert layout.positions.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 0, 1]
+    assert layout.segment.tolist() == [0] * 5 + [1] * 3 + [2] * 2 + [3] * 2
+    first, second = layout.groups
+    assert (first.start, first.end, first.b, first.length) == (0, 8, 2, 5)
+    assert first.gather.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 5, 5]]  # pad slots repeat the row's first token
+    assert first.real.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert first.key_mask[:, 0, 0].tolist() == [[True] * 5, [True, True, True, False, False]]
+    assert (second.start, second.end, second.gather, second.key_mask) == (8, 12, None, None)
+    with pytest.raises(ValueError):
+        packed_layout([[3, 0]])
 
 
 def test_tiny_token_budget_equals_large(tiny_text):
