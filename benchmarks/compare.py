@@ -85,7 +85,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> float:
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, haproxy_before: set[int] | None = None) -> None:
+    """Stop a server started in its own session; with ``haproxy_before`` (a snapshot taken before it
+    started), also stop any Serve HAProxy process it left behind."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -93,6 +95,22 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    if haproxy_before is not None:
+        from deployments.haproxy import stop_new_haproxy
+
+        strays = stop_new_haproxy(haproxy_before)
+        if strays:
+            print(f"stopped HAProxy processes the service left behind: {strays}", file=sys.stderr)
+
+
+def start_service(cfg: Path, mode: str, log: Path) -> tuple[subprocess.Popen, set[int]]:
+    """``serve run cfg`` in its own session; returns the process and the HAProxy snapshot for ``stop``."""
+    from deployments.haproxy import haproxy_pids
+
+    before = haproxy_pids()
+    proc = subprocess.Popen(["serve", "run", str(cfg)], env=service_env(mode), start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return proc, before
 
 
 # Serve's modes: "high-throughput" is what cluster/ deploys (HAProxy, direct ingress, gRPC between replicas);
@@ -149,15 +167,14 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
 def run_service(ckpt: Path, args: argparse.Namespace) -> dict:
     port = 18200
     cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk)
-    proc = subprocess.Popen(["serve", "run", str(cfg)], env=service_env(args.serve_mode), start_new_session=True,
-                            stdout=open(RESULTS / "service.log", "w"), stderr=subprocess.STDOUT)
+    proc, haproxy_before = start_service(cfg, args.serve_mode, RESULTS / "service.log")
     try:
         ready_s = wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc)
         res = loadgen(f"http://127.0.0.1:{port}", "/v1/rerank", MODEL, args, "service")
         res["cold_start_s"] = round(ready_s, 1)
         return res
     finally:
-        stop(proc)
+        stop(proc, haproxy_before)
 
 
 def prepare_vllm_dir(ckpt: Path) -> Path:

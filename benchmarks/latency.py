@@ -34,6 +34,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from deployments.haproxy import haproxy_pids  # noqa: E402
+
 from compare import RESULTS, SERVE_MODES, bench_checkpoint, service_config, service_env, stop, wait_ready  # noqa: E402
 from loadgen import make_requests  # noqa: E402
 from workload import Cell  # noqa: E402
@@ -77,6 +79,7 @@ def measure(mode: str, args, ckpt: Path, reranker, reqs) -> dict:
     # breakdown below reads them (unbuffered logging, if anything, makes that mode look slower)
     env = dict(service_env(mode), RAY_TMPDIR=str(ray_tmp), RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE="1")
     env.pop("RAY_ADDRESS", None)
+    haproxy_before = haproxy_pids()
     proc = subprocess.Popen(["serve", "run", str(cfg)], env=env, start_new_session=True,
                             stdout=open(RESULTS / f"latency-service-{mode}.log", "w"), stderr=subprocess.STDOUT)
     try:
@@ -102,7 +105,7 @@ def measure(mode: str, args, ckpt: Path, reranker, reqs) -> dict:
         time.sleep(2)  # let the log lines reach the files
         logs = ingress_log_lines(next(ray_tmp.glob("ray/session_*/logs")), prefix)
     finally:
-        stop(proc)
+        stop(proc, haproxy_before)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     h, loc, enc = np.array(http_ms), np.array(local_ms), np.array(encode_ms)
     report = {

@@ -49,6 +49,8 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
+from deployments.haproxy import haproxy_pids  # noqa: E402
+
 from compare import MODEL, bench_checkpoint, service_config, stop, wait_ready  # noqa: E402
 from workload import Cell, TextFactory  # noqa: E402
 
@@ -223,6 +225,7 @@ class Service:
 
     def __enter__(self) -> Service:
         log = open(RESULTS / "reliability-service.log", "w")
+        self.haproxy_before = haproxy_pids()
         self.proc = subprocess.Popen(["serve", "run", str(self.cfg_path)], env=self.env, cwd=REPO,
                                      start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         self.ready_s = wait_ready(f"{self.base}/v1/health/ready", self.proc)
@@ -239,7 +242,7 @@ class Service:
         if ray.is_initialized():
             ray.shutdown()
         if self.proc is not None:
-            stop(self.proc)
+            stop(self.proc, self.haproxy_before)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def replicas(self, deployment: str) -> list[str]:

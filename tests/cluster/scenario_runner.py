@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from deployments.haproxy import haproxy_pids, stop_new_haproxy
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -26,6 +28,7 @@ def run_scenario(script: Path, timeout_s: int) -> dict:
     ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Unix socket paths are limited
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
+    haproxy_before = haproxy_pids()
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         cwd=REPO,
@@ -45,6 +48,9 @@ def run_scenario(script: Path, timeout_s: int) -> dict:
         stdout, stderr = proc.communicate()
         pytest.fail(f"{script.name} did not finish in {timeout_s} s; stderr tail:\n{stderr[-3000:]}")
     finally:
+        strays = stop_new_haproxy(haproxy_before)  # Serve's HAProxy reloads can outlive the cluster
+        if strays:
+            print(f"{script.name}: stopped HAProxy processes left behind: {strays}")
         if os.environ.get("RERANK_KEEP_SCENARIO_LOGS"):  # debugging: keep the cluster's logs
             print(f"{script.name}: Ray logs kept in {ray_tmp}")
         else:
