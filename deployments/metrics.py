@@ -57,7 +57,11 @@ class ScorerMetrics:
         keys = ("model",)
         self.pairs = Counter("rerank_pairs_scored", description="(query, document) pairs scored.", tag_keys=keys)
         self.tokens = Counter("rerank_tokens_scored", description="Real tokens scored.", tag_keys=keys)
-        self.padded = Counter("rerank_padded_tokens", description="Tokens run incl. padding.", tag_keys=keys)
+        self.padded = Counter(
+            "rerank_padded_tokens",
+            description="Tokens run incl. padding (text model: padding exists only inside attention groups).",
+            tag_keys=keys,
+        )
         self.padding_ratio = Gauge(
             "rerank_padding_ratio", description="Padded over real tokens of the last batch.", tag_keys=keys
         )
