@@ -126,7 +126,8 @@ def service_env(mode: str) -> dict[str, str]:
     return dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), **SERVE_MODES[mode])
 
 
-def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None) -> Path:
+def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None,
+                   max_batch_tokens: int | None = None) -> Path:
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     app = cfg["applications"][0]
     args = app["args"]
@@ -141,6 +142,8 @@ def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chun
     args["accelerator"] = "cpu"
     if docs_per_chunk:
         args["limits"]["docs_per_chunk"] = docs_per_chunk
+    if max_batch_tokens:
+        text["scorer"]["max_batch_tokens"] = max_batch_tokens
     cfg["http_options"]["port"] = port
     cfg["http_options"]["host"] = "127.0.0.1"
     out.write_text(yaml.safe_dump(cfg))
@@ -166,7 +169,8 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
 
 def run_service(ckpt: Path, args: argparse.Namespace) -> dict:
     port = 18200
-    cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk)
+    cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk,
+                         args.max_batch_tokens)
     proc, haproxy_before = start_service(cfg, args.serve_mode, RESULTS / "service.log")
     try:
         ready_s = wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc)
@@ -220,6 +224,7 @@ def main() -> None:
     ap.add_argument("--serve-mode", choices=sorted(SERVE_MODES), default="high-throughput",
                     help="Serve's request path (default: high-throughput, as cluster/ deploys it)")
     ap.add_argument("--docs-per-chunk", type=int, default=None, help="override limits.docs_per_chunk")
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="override the scorer's max_batch_tokens")
     ap.add_argument("--ceiling-requests", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=1, help="alternate service and vLLM this many times")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ceiling,service,vllm")

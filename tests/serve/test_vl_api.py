@@ -60,7 +60,10 @@ def test_nim_ranking_with_images(service, images, expected):
     r = service.client.post("/v1/ranking", json={"model": VL, "query": {"text": QUERY}, "passages": _docs(images)})
     assert r.status_code == 200, r.text
     body = RankingResponse.model_validate(r.json())
-    assert [x.index for x in body.rankings] == list(np.argsort(-expected, kind="stable"))
+    # documents 1 and 4 carry the same image: their logits tie up to float noise, so either may come first
+    logits = [x.logit for x in body.rankings]
+    assert logits == sorted(logits, reverse=True)
+    assert sorted(x.index for x in body.rankings) == list(range(len(expected)))
     got = {x.index: x.logit for x in body.rankings}
     np.testing.assert_allclose([got[i] for i in range(len(expected))], expected, atol=1e-4)
     # usage counts the image tokens: at least 258 per image document
