@@ -104,7 +104,8 @@ class ScorerArgs(DeploymentArgs):
         ge=256,
         description="On CPU, split each batch into forward passes of at most this many tokens "
         "(smaller passes stay in cache: about 25% more tokens/s than 16k-token passes on a 2-core AVX2 "
-        "machine). Batches still gather up to max_batch_tokens, so the length sort stays tight.",
+        "machine). VL batches still gather up to max_batch_tokens, so the length sort stays tight; a text model's "
+        "CPU batch is one pass (its pairs are packed without padding, and results return sooner).",
     )
     attention_group_tokens: int | None = Field(
         None,
