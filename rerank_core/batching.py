@@ -43,10 +43,6 @@ class PackPlan:
     passes: tuple[tuple[int, ...], ...] | None = None
 
     @property
-    def forward_passes(self) -> tuple[tuple[int, ...], ...]:
-        return self.passes if self.passes is not None else tuple((k,) for k in range(len(self.batches)))
-
-    @property
     def real_tokens(self) -> int:
         return sum(b.real_tokens for b in self.batches)
 
