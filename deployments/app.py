@@ -93,16 +93,19 @@ def deployment_options(
     return opts
 
 
-def scorer_defaults(s: ScorerArgs) -> tuple[int, float]:
+def scorer_defaults(s: ScorerArgs, use_gpu: bool = True) -> tuple[int, float]:
     """max_ongoing_requests and the autoscaling target, derived from the batch settings.
 
     A replica must be able to hold a full batch per concurrent batch (each queued chunk counts at least one
     budget unit), plus as much again waiting, so the next batch is ready when the current one ends. The
-    autoscaler aims at one full batch of work per replica.
+    autoscaler aims at a quarter of a batch's units in ongoing chunks (a chunk is usually several units).
+    On CPU a text batch is one pass of ``cpu_forward_tokens``, so the target follows that smaller budget:
+    with the defaults, 4 ongoing chunks per CPU replica instead of 16.
     """
     units = max(1, s.max_batch_tokens // s.batch_token_unit)
     max_ongoing = units * s.max_concurrent_batches * 2
-    target = max(1.0, units * s.max_concurrent_batches / 4)
+    batch_units = units if use_gpu else max(1, min(s.max_batch_tokens, s.cpu_forward_tokens) // s.batch_token_unit)
+    target = max(1.0, batch_units * s.max_concurrent_batches / 4)
     return max_ongoing, target
 
 
@@ -119,7 +122,7 @@ def build_app(args: dict | AppArgs) -> serve.Application:
         pre = Preprocess.options(name=f"Preprocess-{name}", **deployment_options(m.preprocess, 32, 8)).bind(
             margs, limits
         )
-        ongoing, target = scorer_defaults(m.scorer)
+        ongoing, target = scorer_defaults(m.scorer, use_gpu)
         num_gpus = m.scorer.num_gpus if use_gpu else 0.0
         scorer = Scorer.options(
             name=f"Scorer-{name}", **deployment_options(m.scorer, ongoing, target, num_gpus)

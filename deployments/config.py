@@ -26,7 +26,9 @@ class AutoscalingArgs(_Strict):
         None,
         gt=0,
         description="Ongoing requests per replica the autoscaler aims for. Default: derived from the batch "
-        "size (scorer) or 4 (preprocess, ingress), not Serve's default of 2, which would keep batches small.",
+        "size for a scorer (a quarter of its batch in budget units: 16 with max_batch_tokens 16384 on GPU, 4 "
+        "with cpu_forward_tokens 4096 on CPU), 8 for preprocess and 64 for the ingress; not Serve's default of "
+        "2, which would keep batches small.",
     )
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before adding replicas.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Seconds load must stay low before removing replicas.")

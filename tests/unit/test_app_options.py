@@ -39,3 +39,21 @@ def test_grpc_off_explicitly_or_cap_set_by_the_cluster(env):
     env.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
     env.setenv(GRPC_MESSAGE_ENV, "123456789")  # the cluster's own value wins: the replicas inherit it
     assert _runtime_env(deployment_options(DeploymentArgs(num_cpus=0.1), 8, 2)) is None
+
+
+def test_scorer_autoscaling_target_follows_the_batch_it_runs():
+    """GPU: a quarter of max_batch_tokens in units; CPU: of the one-pass text batch (cpu_forward_tokens)."""
+    from deployments.app import scorer_defaults
+    from deployments.config import AutoscalingArgs, ScorerArgs
+
+    s = ScorerArgs(max_batch_tokens=16384, batch_token_unit=256, cpu_forward_tokens=4096,
+                   autoscaling=AutoscalingArgs(max_replicas=4))
+    assert scorer_defaults(s, use_gpu=True) == (128, 16.0)
+    assert scorer_defaults(s, use_gpu=False) == (128, 4.0)  # the queue keeps its room; the target drops
+    small = ScorerArgs(max_batch_tokens=2048, batch_token_unit=256, cpu_forward_tokens=4096)
+    assert scorer_defaults(small, use_gpu=False) == (16, 2.0)  # never above the batch budget itself
+    opts = deployment_options(s, *scorer_defaults(s, use_gpu=False))
+    assert opts["autoscaling_config"]["target_ongoing_requests"] == 4.0
+    pinned = s.model_copy(update={"autoscaling": AutoscalingArgs(max_replicas=4, target_ongoing_requests=9)})
+    assert deployment_options(pinned, *scorer_defaults(pinned, False))["autoscaling_config"][
+        "target_ongoing_requests"] == 9  # a configured target wins

@@ -1,0 +1,47 @@
+"""benchmarks/stepload.py's bookkeeping: step parsing, per-step replica changes, and the timeline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import stepload  # noqa: E402
+
+
+def test_parse_steps_and_overrides():
+    assert stepload.parse_steps("2:40,16:120,0:60") == [(2, 40.0), (16, 120.0), (0, 60.0)]
+    for bad in ("", "2:0", "-1:5"):
+        with pytest.raises(ValueError):
+            stepload.parse_steps(bad)
+    assert stepload.parse_overrides("max_replicas=2,downscale_delay_s=30.5") == {
+        "max_replicas": 2, "downscale_delay_s": 30.5}
+
+
+def _sample(t: float, scorer: int) -> dict:
+    return {"t": t, "deployments": {"Scorer": {"running": scorer, "states": {}, "target": scorer}}}
+
+
+def test_summary_reports_when_each_step_changed_the_replicas():
+    steps = [(2, 10.0), (8, 10.0), (0, 10.0)]
+    bounds = [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]
+    samples = [_sample(t, 1) for t in range(0, 13)] + [_sample(t, 2) for t in range(13, 24)] + \
+        [_sample(t, 1) for t in range(24, 30)]
+    records = [{"step": 0, "start": 1.0, "end": 3.0, "status": 200, "pairs": 4},
+               {"step": 1, "start": 10.0, "end": 11.0, "status": 200, "pairs": 4},
+               {"step": 1, "start": 10.0, "end": 12.0, "status": 503, "pairs": 4}]
+    out = stepload.summarize(steps, records, samples, bounds)["steps"]
+    assert [s["replicas"]["Scorer"]["first_change_s"] for s in out] == [None, 3.0, 4.0]
+    assert [(s["replicas"]["Scorer"]["min"], s["replicas"]["Scorer"]["max"]) for s in out] == [(1, 1), (1, 2), (1, 2)]
+    assert [s["replicas"]["Scorer"]["at_end"] for s in out] == [1, 2, 1]
+    assert out[1]["requests_ok"] == 1 and out[1]["errors"] == 1
+    assert out[0]["pairs_per_s"] == pytest.approx(0.4)
+
+    rows = stepload.timeline(records, samples, end=30.0)
+    # in flight at each row's midpoint: 1 s (the 1.0-3.0 s request), 3 s (none), 11 s (the 10-12 s one)
+    assert [rows[0]["in_flight"], rows[1]["in_flight"], rows[5]["in_flight"]] == [1, 0, 1]
+    assert rows[1]["pairs_per_s"] == pytest.approx(1.0)  # 4 pairs ended within the first 4 s
+    assert rows[7]["running"] == {"Scorer": 2} and rows[-1]["running"] == {"Scorer": 1}
