@@ -127,7 +127,7 @@ def service_env(mode: str) -> dict[str, str]:
 
 
 def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None,
-                   max_batch_tokens: int | None = None) -> Path:
+                   max_batch_tokens: int | None = None, scorer_replicas: int = 1) -> Path:
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     app = cfg["applications"][0]
     args = app["args"]
@@ -144,6 +144,7 @@ def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chun
         args["limits"]["docs_per_chunk"] = docs_per_chunk
     if max_batch_tokens:
         text["scorer"]["max_batch_tokens"] = max_batch_tokens
+    text["scorer"]["num_replicas"] = scorer_replicas
     cfg["http_options"]["port"] = port
     cfg["http_options"]["host"] = "127.0.0.1"
     out.write_text(yaml.safe_dump(cfg))
@@ -170,7 +171,7 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
 def run_service(ckpt: Path, args: argparse.Namespace) -> dict:
     port = 18200
     cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk,
-                         args.max_batch_tokens)
+                         args.max_batch_tokens, args.scorer_replicas)
     proc, haproxy_before = start_service(cfg, args.serve_mode, RESULTS / "service.log")
     try:
         ready_s = wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc)
@@ -225,6 +226,8 @@ def main() -> None:
                     help="Serve's request path (default: high-throughput, as cluster/ deploys it)")
     ap.add_argument("--docs-per-chunk", type=int, default=None, help="override limits.docs_per_chunk")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="override the scorer's max_batch_tokens")
+    ap.add_argument("--scorer-replicas", type=int, default=1,
+                    help="CPU scorer replicas, each with --threads torch threads (default 1)")
     ap.add_argument("--ceiling-requests", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=1, help="alternate service and vLLM this many times")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ceiling,service,vllm")
@@ -235,7 +238,7 @@ def main() -> None:
     report: dict = {"checkpoint": "hidden 256, 4 layers, 4 heads / 1 KV head, head_dim 64, real tokenizer, float32",
                     "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens,
                                  "concurrency": args.concurrency, "duration_s": args.duration},
-                    "threads": args.threads, "serve_mode": args.serve_mode}
+                    "threads": args.threads, "scorer_replicas": args.scorer_replicas, "serve_mode": args.serve_mode}
     if "ceiling" not in skip:
         report["ceiling"] = run_ceiling(ckpt, args)
         print(json.dumps({"ceiling": report["ceiling"]}), flush=True)
