@@ -120,8 +120,10 @@ class ScorerArgs(DeploymentArgs):
     batch_token_unit: int = Field(
         256,
         ge=1,
-        description="Granularity of the token budget in Serve's batch queue: max_batch_size = "
-        "max_batch_tokens / batch_token_unit, and each queued chunk counts ceil(tokens / unit).",
+        description="Granularity of the token budget in Serve's batch queue (batch_queue: serve): "
+        "max_batch_size = max_batch_tokens / batch_token_unit, and each queued chunk counts ceil(tokens / unit). "
+        "The default fifo queue counts tokens exactly. Also sets the derived max_ongoing_requests and "
+        "autoscaling target.",
     )
     batch_wait_timeout_s: float = Field(
         0.005,

@@ -142,3 +142,41 @@ def test_metrics_are_exported(service, ray_cluster):
     assert not missing, missing
     line = next(x for x in text.splitlines() if x.startswith("ray_rerank_requests_total{"))
     assert 'route="/v1/rerank"' in line or "route=" in line
+
+
+def test_fifo_budget_counts_tokens_not_units(ray_cluster, tiny_text):
+    """Four ~120-token chunks share one 512-token CPU batch (in 256-token units only two would), no batch
+    goes over the budget, and every chunk's logits equal its logits scored alone."""
+    import asyncio
+
+    import torch
+
+    from deployments.scorer import Scorer
+
+    model = next(m for m in config_args({"text": tiny_text, "vl": tiny_text})["models"] if m["name"] == "text")
+    cfg = {"num_cpus": 0.1, "torch_threads": torch.get_num_threads(), "max_batch_tokens": 512,
+           "cpu_forward_tokens": 512, "batch_token_unit": 256, "batch_wait_timeout_s": 0.2}
+    s = Scorer.func_or_class(model, cfg, False)
+    try:
+        encs = [s.reranker.encode(f"query {i}", [f"passage {i} " + "protein intake " * 50]) for i in range(5)]
+        assert all(100 <= e.total_tokens <= 128 for e in encs), [e.total_tokens for e in encs]
+        alone = [s.reranker.finalize(e, s.reranker.forward_encoded(e)) for e in encs]
+        batches: list[int] = []
+        forward = s.reranker.forward_rows
+
+        def recording(rows, *a, **k):
+            batches.append(sum(len(r) for r in rows))
+            return forward(rows, *a, **k)
+
+        s.reranker.forward_rows = recording
+
+        async def all_at_once():
+            return await asyncio.gather(*(s.score(e) for e in encs))
+
+        got = asyncio.run(all_at_once())
+    finally:
+        s._forward_pool.shutdown()
+    assert sum(batches) == sum(e.total_tokens for e in encs)
+    assert max(batches) <= 512 and len(batches) == 2, batches  # the first alone (idle replica), then 4 together
+    for g, a in zip(got, alone):
+        np.testing.assert_allclose(g.logits, a, atol=1e-5, rtol=0)
