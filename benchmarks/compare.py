@@ -126,27 +126,33 @@ def service_env(mode: str) -> dict[str, str]:
     return dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), **SERVE_MODES[mode])
 
 
-def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None,
-                   max_batch_tokens: int | None = None, scorer_replicas: int = 1) -> Path:
+def text_only_config(ckpt: Path, port: int) -> tuple[dict, dict, dict]:
+    """serve_config.yaml serving only the text model from ``ckpt`` on CPU at 127.0.0.1:``port``;
+    returns (the whole config, the application's args, the text model's entry) for further changes."""
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    app = cfg["applications"][0]
-    args = app["args"]
+    args = cfg["applications"][0]["args"]
     text = next(m for m in args["models"] if m["name"] == "text")
     text["source"] = str(ckpt)
+    args["models"] = [text]
+    args["accelerator"] = "cpu"
+    cfg["http_options"]["port"] = port
+    cfg["http_options"]["host"] = "127.0.0.1"
+    return cfg, args, text
+
+
+def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None,
+                   max_batch_tokens: int | None = None, scorer_replicas: int = 1) -> Path:
+    cfg, args, text = text_only_config(ckpt, port)
     # one engine on a 2-core machine, like vLLM's: no autoscaling (a second CPU scorer only contends)
     text["scorer"]["torch_threads"] = threads
     for part in (text["scorer"], text["preprocess"], args["ingress"]):
         part.pop("autoscaling", None)
         part["num_replicas"] = 1
-    args["models"] = [text]
-    args["accelerator"] = "cpu"
     if docs_per_chunk:
         args["limits"]["docs_per_chunk"] = docs_per_chunk
     if max_batch_tokens:
         text["scorer"]["max_batch_tokens"] = max_batch_tokens
     text["scorer"]["num_replicas"] = scorer_replicas
-    cfg["http_options"]["port"] = port
-    cfg["http_options"]["host"] = "127.0.0.1"
     out.write_text(yaml.safe_dump(cfg))
     return out
 

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,11 +34,12 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare import RESULTS, SERVE_MODES, bench_checkpoint, start_service, stop, wait_ready  # noqa: E402
+from compare import (  # noqa: E402
+    RESULTS, SERVE_MODES, bench_checkpoint, start_service, stop, text_only_config, wait_ready,
+)
 from loadgen import body_for  # noqa: E402
 from workload import Cell, TextFactory  # noqa: E402
 
-REPO = HERE.parent
 APP_PORT = 18400
 DASHBOARD = "http://127.0.0.1:8265"
 
@@ -65,17 +67,10 @@ def parse_overrides(text: str) -> dict:
 
 def stepload_config(ckpt: Path, out: Path, scorer_autoscaling: dict) -> Path:
     """serve_config.yaml with only the text model on the benchmark checkpoint, on CPU; scaling as shipped."""
-    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    args = cfg["applications"][0]["args"]
-    text = next(m for m in args["models"] if m["name"] == "text")
-    text["source"] = str(ckpt)
+    cfg, _, text = text_only_config(ckpt, APP_PORT)
     if scorer_autoscaling:
         text["scorer"].pop("num_replicas", None)
         text["scorer"]["autoscaling"] = {**(text["scorer"].get("autoscaling") or {}), **scorer_autoscaling}
-    args["models"] = [text]
-    args["accelerator"] = "cpu"
-    cfg["http_options"]["port"] = APP_PORT
-    cfg["http_options"]["host"] = "127.0.0.1"
     out.write_text(yaml.safe_dump(cfg))
     return out
 
@@ -257,8 +252,6 @@ def main() -> None:
     try:
         ready_s = wait_ready(f"http://127.0.0.1:{APP_PORT}/v1/health/ready", proc)
         print(f"service ready after {ready_s:.1f} s; steps {steps}", file=sys.stderr, flush=True)
-        import threading
-
         t0 = time.monotonic()
         poller = threading.Thread(target=poll_replicas, args=(samples, t0, stop_flag), daemon=True)
         poller.start()

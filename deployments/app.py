@@ -104,7 +104,7 @@ def scorer_defaults(s: ScorerArgs, use_gpu: bool = True) -> tuple[int, float]:
     """
     units = max(1, s.max_batch_tokens // s.batch_token_unit)
     max_ongoing = units * s.max_concurrent_batches * 2
-    batch_units = units if use_gpu else max(1, min(s.max_batch_tokens, s.cpu_forward_tokens) // s.batch_token_unit)
+    batch_units = units if use_gpu else max(1, s.cpu_pass_tokens // s.batch_token_unit)
     target = max(1.0, batch_units * s.max_concurrent_batches / 4)
     return max_ongoing, target
 

