@@ -65,9 +65,11 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def stepload_config(ckpt: Path, out: Path, scorer_autoscaling: dict) -> Path:
-    """serve_config.yaml with only the text model on the benchmark checkpoint, on CPU; scaling as shipped."""
+def stepload_config(ckpt: Path, out: Path, scorer_autoscaling: dict, scorer: dict | None = None) -> Path:
+    """serve_config.yaml with only the text model on the benchmark checkpoint, on CPU; scaling as shipped.
+    ``scorer``: other scorer fields to override (``max_ongoing_requests``, ``cpu_forward_tokens``, ...)."""
     cfg, _, text = text_only_config(ckpt, APP_PORT)
+    text["scorer"].update(scorer or {})
     if scorer_autoscaling:
         text["scorer"].pop("num_replicas", None)
         text["scorer"]["autoscaling"] = {**(text["scorer"].get("autoscaling") or {}), **scorer_autoscaling}
@@ -231,6 +233,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--doc-tokens", default="64,512")
     ap.add_argument("--scorer-autoscaling", default="", help="key=value,... overriding the scorer's autoscaling")
+    ap.add_argument("--scorer", default="", help="key=value,... overriding other scorer fields "
+                    "(max_ongoing_requests=8, cpu_forward_tokens=2048, ...)")
     ap.add_argument("--serve-mode", choices=sorted(SERVE_MODES), default="high-throughput")
     ap.add_argument("--out", default=str(RESULTS / "stepload.json"))
     args = ap.parse_args()
@@ -243,7 +247,8 @@ def main() -> None:
 
     tok = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
     fresh = FreshRequests(TextFactory(lambda s: len(tok.encode(s, add_special_tokens=False).ids), seed=7), cell)
-    cfg = stepload_config(ckpt, RESULTS / "serve_config.stepload.yaml", parse_overrides(args.scorer_autoscaling))
+    cfg = stepload_config(ckpt, RESULTS / "serve_config.stepload.yaml", parse_overrides(args.scorer_autoscaling),
+                         parse_overrides(args.scorer))
     proc, haproxy_before = start_service(cfg, args.serve_mode, RESULTS / "stepload-service.log")
     records: list = []
     samples: list = []
@@ -265,6 +270,7 @@ def main() -> None:
     report = {
         "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens, "steps": args.steps},
         "scorer_autoscaling": applied["scorer"].get("autoscaling"),
+        "scorer_overrides": parse_overrides(args.scorer),
         "preprocess_autoscaling": applied["preprocess"].get("autoscaling"),
         "cold_start_s": round(ready_s, 1),
         **summarize(steps, records, samples, bounds),

@@ -45,3 +45,31 @@ def test_summary_reports_when_each_step_changed_the_replicas():
     assert [rows[0]["in_flight"], rows[1]["in_flight"], rows[5]["in_flight"]] == [1, 0, 1]
     assert rows[1]["pairs_per_s"] == pytest.approx(1.0)  # 4 pairs ended within the first 4 s
     assert rows[7]["running"] == {"Scorer": 2} and rows[-1]["running"] == {"Scorer": 1}
+
+
+def test_config_overrides_reach_the_scorer_and_validate(tmp_path):
+    """--scorer-autoscaling and --scorer edit the text scorer of serve_config.yaml; the app accepts the result."""
+    import yaml
+
+    from deployments.app import scorer_defaults
+    from deployments.config import AppArgs
+
+    out = stepload.stepload_config(
+        tmp_path / "ckpt", tmp_path / "c.yaml", {"max_replicas": 2}, {"max_ongoing_requests": 8}
+    )
+    args = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    cfg = AppArgs.model_validate(args)
+    (model,) = cfg.models
+    assert model.source == str(tmp_path / "ckpt") and cfg.accelerator == "cpu"
+    assert model.scorer.max_ongoing_requests == 8
+    assert model.scorer.autoscaling.max_replicas == 2
+    shipped = yaml.safe_load((Path(stepload.__file__).parents[1] / "serve_config.yaml").read_text())
+    text = next(m for m in shipped["applications"][0]["args"]["models"] if m["name"] == "text")
+    assert model.scorer.autoscaling.min_replicas == text["scorer"]["autoscaling"]["min_replicas"]
+    # without the override the derived default applies, and it is not 8
+    plain = AppArgs.model_validate(
+        yaml.safe_load(stepload.stepload_config(tmp_path / "ckpt", tmp_path / "d.yaml", {}).read_text())
+        ["applications"][0]["args"]
+    )
+    assert plain.models[0].scorer.max_ongoing_requests is None
+    assert scorer_defaults(plain.models[0].scorer, use_gpu=False)[0] != 8
