@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from rerank_core import sigmoid
 from rerank_core.errors import InvalidInput, ModelNotFound, PayloadTooLarge, RerankError
+from rerank_core.tokenization import check_text
 
 from . import http
 from .auth import KeyStore
@@ -74,16 +75,6 @@ def _clip(value: Any, limit: int = 200) -> str:
     """repr of a client-supplied value for an error message, at most ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_unicode(text: str, what: str, param: str) -> None:
-    """JSON may carry lone surrogates (``"\\ud800"``), which are not text: a 400 here, not a tokenizer crash."""
-    if text.isascii():
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{what} is not valid Unicode text (it contains a lone surrogate)", param=param) from None
 
 
 def _request_id(request: Request) -> str:
@@ -186,7 +177,7 @@ class Ingress:
                 raise InvalidInput(
                     f"query is {len(q)} characters, over the limit of {lim.max_query_chars}", param="query"
                 )
-            _check_unicode(q, "query", "query")
+            check_text(q, "query", "query")
         images = 0
         for i, d in enumerate(job.documents):
             if d.text is not None and len(d.text) > lim.max_document_chars:
@@ -195,7 +186,7 @@ class Ingress:
                     param="documents",
                 )
             if d.text is not None:
-                _check_unicode(d.text, f"document {i}", "documents")
+                check_text(d.text, f"document {i}", "documents")
             images += d.image is not None
         if images > lim.max_images_per_request:
             raise PayloadTooLarge(

@@ -40,6 +40,17 @@ def normalize_truncate(value: str | None) -> str:
     return mode
 
 
+def check_text(text: str, what: str, param: str | None = None) -> None:
+    """A clear error for strings that are not Unicode text: JSON (an HTTP body, a JSONL batch file) may
+    carry lone surrogates (``"\\ud800"``), which the tokenizer rejects with a bare ``TypeError``."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid Unicode text (it contains a lone surrogate)", param=param) from None
+
+
 @dataclass
 class EncodedPairs:
     """Token ids of every pair, flat, plus what the caller needs to map scores back.
@@ -177,6 +188,9 @@ class PromptTokenizer:
         when given for a document, its prompt text starts with a space (`` question:``).
         """
         truncate = normalize_truncate(truncate)
+        check_text(query, "query", "query")
+        for i, d in enumerate(documents):
+            check_text(d, f"document {i}", "documents")
         max_length = int(max_length or self.max_length)
         notes: list[tuple[int | None, str]] = []
         query, q_cut = self._fit_query(query, max_length, truncate, notes)

@@ -53,6 +53,20 @@ def test_scorer_direct_matches_score_and_isolates_bad_rows(tiny_text, text_reran
     assert len(empty["logit"]) == 0 and len(empty["error"]) == 0
 
 
+def test_lone_surrogates_are_row_errors_not_a_failed_batch(tiny_text, text_reranker):
+    """JSONL may decode to strings with lone surrogates; the tokenizer raises a bare TypeError on them."""
+    s = B.RerankBatchScorer(tiny_text, device="cpu", max_batch_tokens=512)
+    b = _batch(query=["q one", "q one", "bad \ud800 query", "q two"],
+               document=["fine", "bad \udfff doc", "whatever", "also fine"])
+    out = s(b)
+    err = out["error"].tolist()
+    assert [bool(e) for e in err] == [False, True, True, False]
+    assert err[1] == "invalid_input: document 0 is not valid Unicode text (it contains a lone surrogate)"
+    assert err[2].startswith("invalid_input: query is not valid Unicode text")
+    np.testing.assert_allclose(out["logit"][[0]], text_reranker.score("q one", ["fine"]), atol=1e-5)
+    np.testing.assert_allclose(out["logit"][[3]], text_reranker.score("q two", ["also fine"]), atol=1e-5)
+
+
 def test_scorer_packs_pairs_of_all_queries_together(tiny_text, monkeypatch):
     s = B.RerankBatchScorer(tiny_text, device="cpu")
     calls = []

@@ -109,3 +109,10 @@ def test_unknown_truncate_mode(tok):
 
 def test_truncate_is_case_insensitive(tok):
     assert tok.encode_text_pairs("q", ["p"], truncate="end").num_docs == 1
+
+
+@pytest.mark.parametrize("query, docs, where", [("\ud800", ["a"], "query"), ("q", ["ok", "bad \udfff"], "document 1")])
+def test_lone_surrogates_get_a_clear_error(tok, query, docs, where):
+    with pytest.raises(InvalidInput, match=f"{where} is not valid Unicode text"):
+        tok.encode_text_pairs(query, docs)
+    assert tok.encode_text_pairs("q é ✓", ["ok ü 😀"]).lengths.tolist()  # real non-ASCII text passes
