@@ -73,3 +73,22 @@ def test_config_overrides_reach_the_scorer_and_validate(tmp_path):
     )
     assert plain.models[0].scorer.max_ongoing_requests is None
     assert scorer_defaults(plain.models[0].scorer, use_gpu=False)[0] != 8
+
+
+def test_benchmark_service_env_quiets_serve_housekeeping(monkeypatch):
+    """The benchmarks run Serve with the README's CPU settings; a value already in the environment wins,
+    and both names are ones this Ray release reads (a rename would silently drop them)."""
+    import inspect
+
+    import compare
+    import ray.serve._private.constants as serve_constants
+
+    for key in compare.QUIET_SERVE_ENV:
+        monkeypatch.delenv(key, raising=False)
+        assert f'"{key}"' in inspect.getsource(serve_constants)
+    env = compare.service_env("high-throughput")
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.2")
+    assert compare.service_env("default")["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.2"
