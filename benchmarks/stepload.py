@@ -247,8 +247,9 @@ def main() -> None:
 
     tok = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
     fresh = FreshRequests(TextFactory(lambda s: len(tok.encode(s, add_special_tokens=False).ids), seed=7), cell)
+    scorer_overrides = parse_overrides(args.scorer)
     cfg = stepload_config(ckpt, RESULTS / "serve_config.stepload.yaml", parse_overrides(args.scorer_autoscaling),
-                         parse_overrides(args.scorer))
+                          scorer_overrides)
     proc, haproxy_before = start_service(cfg, args.serve_mode, RESULTS / "stepload-service.log")
     records: list = []
     samples: list = []
@@ -270,7 +271,7 @@ def main() -> None:
     report = {
         "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens, "steps": args.steps},
         "scorer_autoscaling": applied["scorer"].get("autoscaling"),
-        "scorer_overrides": parse_overrides(args.scorer),
+        "scorer_overrides": scorer_overrides,
         "preprocess_autoscaling": applied["preprocess"].get("autoscaling"),
         "cold_start_s": round(ready_s, 1),
         **summarize(steps, records, samples, bounds),
