@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ def pick_device(wants_gpu: bool) -> str:
     return "cpu"
 
 
+def _on_this_thread(fn, *args, **kwargs) -> tuple:
+    """``fn(*args, **kwargs)`` and "pid:native thread id" of the thread it ran on (see ``Scorer.stats``)."""
+    return fn(*args, **kwargs), f"{os.getpid()}:{threading.get_native_id()}"
+
+
 @serve.deployment
 class Scorer:
     """Holds one model; ``score(EncodedPairs)`` joins a token-budget batch shared by concurrent requests.
@@ -69,7 +75,16 @@ class Scorer:
             torch.set_num_threads(threads)
         m = self.model_args
         t0 = time.monotonic()
-        self.reranker = load_reranker(
+        # forward passes run on long-lived threads of their own, so the event loop stays free for queueing.
+        # The model is loaded on that same thread: torch's OpenMP runtime (libgomp) gives every thread that
+        # runs parallel work a team of its own, and once the teams together hold more threads than there are
+        # CPUs, idle workers spin ~100 times instead of ~300k before sleeping. Loaded on the replica's main
+        # thread, a 2-thread CPU scorer slept and woke ~1000 times a second (3 when one thread does both), and
+        # its passes ran 21% slower beside bursty background processes (benchmarks/README.md).
+        self._forward_pool = ThreadPoolExecutor(self.cfg.max_concurrent_batches, thread_name_prefix="forward")
+        self.reranker, self._load_thread = self._forward_pool.submit(
+            _on_this_thread,
+            load_reranker,
             m.source,
             device=device,
             dtype=m.dtype,
@@ -78,7 +93,8 @@ class Scorer:
             max_batch_tokens=self.cfg.max_batch_tokens,
             apply_temperature=m.apply_temperature,
             query_budget=m.query_budget,
-        )
+        ).result()
+        self._forward_threads: set[str] = set()
         if self.reranker.kind == "vl":
             self.reranker.max_batch_tiles = self.cfg.max_batch_tiles
         elif self.cfg.attention_group_tokens:
@@ -87,9 +103,6 @@ class Scorer:
             self.reranker.max_batch_tokens = self.cfg.cpu_pass_tokens
         if self.cfg.compile and device == "cuda":
             self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
-        # forward passes run on long-lived threads of their own: the event loop stays free for queueing,
-        # and torch's intra-op (OpenMP) pool keeps one calling thread instead of following a shared pool
-        self._forward_pool = ThreadPoolExecutor(self.cfg.max_concurrent_batches, thread_name_prefix="forward")
         self.unit = self.cfg.batch_token_unit
         batch_tokens = self.cfg.max_batch_tokens
         if device == "cpu" and self.reranker.kind == "text":
@@ -130,7 +143,8 @@ class Scorer:
     def _warm_up(self) -> None:
         """One tiny forward pass so the first user request does not pay for lazy initialisation."""
         enc = self.reranker.encode("warm up", ["warm up"])
-        self._forward_pool.submit(self.reranker.forward_encoded, enc).result()  # on the thread that serves
+        _, thread = self._forward_pool.submit(_on_this_thread, self.reranker.forward_encoded, enc).result()
+        self._forward_threads.add(thread)
 
     async def score(self, enc: EncodedPairs) -> ScoredChunk:
         units = min(self.max_units, max(1, math.ceil(enc.total_tokens / self.unit)))
@@ -145,9 +159,10 @@ class Scorer:
                 tiles.append(it.enc.pair_tiles(p))
                 owners.append(k)
         plan = self.reranker.plan_rows(rows, tiles)
-        logits = await asyncio.get_running_loop().run_in_executor(
-            self._forward_pool, self.reranker.forward_rows, rows, tiles, plan
+        logits, thread = await asyncio.get_running_loop().run_in_executor(
+            self._forward_pool, _on_this_thread, self.reranker.forward_rows, rows, tiles, plan
         )
+        self._forward_threads.add(thread)
         forward_ms = (time.monotonic() - start) * 1000
         self.metrics.record_batch(
             len(rows), plan.real_tokens, plan.padded_tokens, forward_ms, [(start - it.enqueued) * 1000 for it in items]
@@ -180,6 +195,9 @@ class Scorer:
             "torch_threads": torch.get_num_threads(),
             "max_batch_tokens": self.cfg.max_batch_tokens,
             "pid": os.getpid(),
+            # "pid:native thread id" of the thread that loaded the model, and of those its forward passes ran on
+            "load_thread": self._load_thread,
+            "forward_threads": sorted(self._forward_threads),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "assigned_resources": ray.get_runtime_context().get_assigned_resources(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -180,3 +180,15 @@ def test_fifo_budget_counts_tokens_not_units(ray_cluster, tiny_text):
     assert max(batches) <= 512 and len(batches) == 2, batches  # the first alone (idle replica), then 4 together
     for g, a in zip(got, alone):
         np.testing.assert_allclose(g.logits, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["text", "vl"])
+def test_scorer_loads_and_runs_its_model_on_one_thread(service, name):
+    """torch's OpenMP runtime gives each thread that runs parallel work its own team; with more team threads
+    than CPUs its workers barely spin before sleeping. So the model is loaded on the forward thread itself."""
+    model = {"text": MODEL, "vl": "nvidia/llama-nemotron-rerank-vl-1b-v2"}[name]
+    service.client.post("/v1/ranking", json={"model": model, "query": {"text": "q"},
+                                             "passages": [{"text": "a"}, {"text": "b"}]})
+    stats = serve.get_deployment_handle(f"Scorer-{name}", "rerank").stats.remote().result(timeout_s=30)
+    assert stats["load_thread"].startswith(f"{stats['pid']}:")
+    assert stats["forward_threads"] == [stats["load_thread"]]
