@@ -43,19 +43,22 @@ def body_for(route: str, model: str | None, query: str, docs: list[str]) -> dict
 
 async def run_cell(
     url: str, route: str, model: str | None, requests: list, concurrency: int, duration: float, timeout: float,
-    headers: dict | None = None,
+    headers: dict | None = None, transport: httpx.AsyncBaseTransport | None = None,
 ) -> dict:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     pairs = 0
     next_index = 0
     stop_at = 0.0
+    ran_out_at: float | None = None  # when the last generated request was sent, if before the clock ran out
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal pairs, next_index
+        nonlocal pairs, next_index, ran_out_at
         while time.monotonic() < stop_at and next_index < len(requests):
             query, docs = requests[next_index]
             next_index += 1
+            if next_index == len(requests):
+                ran_out_at = time.monotonic()
             t0 = time.monotonic()
             try:
                 r = await client.post(route, json=body_for(route, model, query, docs))
@@ -70,7 +73,8 @@ async def run_cell(
                 errors[key] = errors.get(key, 0) + 1
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=headers) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=headers,
+                                 transport=transport) as client:
         # one warm-up request outside the clock
         warm_q, warm_d = requests[-1]
         await client.post(route, json=body_for(route, model, warm_q, warm_d[:2]))
@@ -79,6 +83,11 @@ async def run_cell(
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         elapsed = time.monotonic() - start
     lat = np.array(latencies) if latencies else np.array([np.nan])
+    ran_out = ran_out_at is not None and ran_out_at < stop_at
+    if ran_out:
+        print(f"warning: all {len(requests)} generated requests were sent {ran_out_at - start:.1f} s into a "
+              f"{duration:g}-s run; the rest of the run had fewer than {concurrency} in flight: raise "
+              "--max-requests", file=sys.stderr)
     return {
         "concurrency": concurrency,
         "requests_ok": len(latencies),
@@ -89,6 +98,7 @@ async def run_cell(
         "p50_s": round(float(np.percentile(lat, 50)), 3),
         "p95_s": round(float(np.percentile(lat, 95)), 3),
         "p99_s": round(float(np.percentile(lat, 99)), 3),
+        "ran_out_of_requests": ran_out,
     }
 
 

@@ -1,0 +1,51 @@
+"""benchmarks/loadgen.py's accounting: pairs, latencies and errors counted, and a run that runs out of
+generated requests before its duration says so instead of silently reporting a shorter, thinner run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import loadgen  # noqa: E402
+
+
+def _transport(fail_every: int = 0) -> httpx.MockTransport:
+    seen = {"n": 0}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen["n"] += 1
+        await asyncio.sleep(0.01)
+        if fail_every and seen["n"] % fail_every == 0:
+            return httpx.Response(503, json={"error": "busy"})
+        return httpx.Response(200, json={"results": [{"index": i} for i in range(len(body["documents"]))]})
+
+    return httpx.MockTransport(handler)
+
+
+def _requests(n: int, docs: int = 3) -> list[tuple[str, list[str]]]:
+    return [(f"q{i}", [f"d{i}-{k}" for k in range(docs)]) for i in range(n)]
+
+
+def test_a_run_that_runs_out_of_requests_says_so(capsys):
+    res = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(5), concurrency=2,
+                                       duration=5.0, timeout=5.0, transport=_transport()))
+    assert res["ran_out_of_requests"] is True
+    assert res["requests_ok"] == 5 and res["errors"] == {}
+    assert res["seconds"] < 5.0  # ended early: the requests ran out, not the clock
+    assert "raise --max-requests" in capsys.readouterr().err
+
+
+def test_a_full_run_counts_pairs_and_errors():
+    res = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(10_000), concurrency=4,
+                                       duration=0.5, timeout=5.0, transport=_transport(fail_every=4)))
+    assert res["ran_out_of_requests"] is False
+    assert res["requests_ok"] > 0 and res["errors"].get("503", 0) > 0
+    assert res["pairs_per_s"] * res["seconds"] == pytest.approx(3 * res["requests_ok"], rel=1e-2)
