@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -226,6 +227,34 @@ def run_vllm(ckpt: Path, args: argparse.Namespace) -> dict:
         stop(proc)
 
 
+
+def ratio_table(rounds: list[dict], ceiling: dict | None = None) -> dict:
+    """Per concurrency: each round's service and vLLM throughput and p99, their ratios, and the ratios'
+    medians (the mean of the middle two for an even number of rounds).
+
+    ``rounds``: ``[{"service": {"results": [...]}, "vllm": {"results": [...]}}, ...]`` with results in the
+    same concurrency order; ``ceiling``: ``ceiling.py``'s result, when it ran.
+    """
+    ratios: dict = {}
+    for rnd in rounds:
+        for i, svc in enumerate(rnd.get("service", {}).get("results", [])):
+            row = ratios.setdefault(str(svc["concurrency"]), {"service_pairs_per_s": [], "service_p99_s": []})
+            row["service_pairs_per_s"].append(svc["pairs_per_s"])
+            row["service_p99_s"].append(svc["p99_s"])
+            if ceiling is not None:
+                row.setdefault("service_over_ceiling", []).append(
+                    round(svc["pairs_per_s"] / ceiling["pairs_per_s"], 3))
+            if "vllm" in rnd:
+                v = rnd["vllm"]["results"][i]
+                row.setdefault("vllm_pairs_per_s", []).append(v["pairs_per_s"])
+                row.setdefault("vllm_p99_s", []).append(v["p99_s"])
+                row.setdefault("service_over_vllm", []).append(round(svc["pairs_per_s"] / max(v["pairs_per_s"], 1e-9), 3))
+                row.setdefault("p99_service_over_vllm", []).append(round(svc["p99_s"] / max(v["p99_s"], 1e-9), 3))
+    for row in ratios.values():
+        for key in [k for k in row if k.endswith(("_over_vllm", "_over_ceiling"))]:
+            row[key + "_median"] = round(statistics.median(row[key]), 3)
+    return ratios
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True)
@@ -265,24 +294,7 @@ def main() -> None:
             rnd["vllm"] = run_vllm(ckpt, args)
         rounds.append(rnd)
     report["rounds"] = rounds
-    ratios: dict = {}
-    for rnd in rounds:
-        for i, svc in enumerate(rnd.get("service", {}).get("results", [])):
-            row = ratios.setdefault(str(svc["concurrency"]), {"service_pairs_per_s": [], "service_p99_s": []})
-            row["service_pairs_per_s"].append(svc["pairs_per_s"])
-            row["service_p99_s"].append(svc["p99_s"])
-            if "ceiling" in report:
-                row.setdefault("service_over_ceiling", []).append(
-                    round(svc["pairs_per_s"] / report["ceiling"]["pairs_per_s"], 3))
-            if "vllm" in rnd:
-                v = rnd["vllm"]["results"][i]
-                row.setdefault("vllm_pairs_per_s", []).append(v["pairs_per_s"])
-                row.setdefault("vllm_p99_s", []).append(v["p99_s"])
-                row.setdefault("service_over_vllm", []).append(round(svc["pairs_per_s"] / max(v["pairs_per_s"], 1e-9), 3))
-                row.setdefault("p99_service_over_vllm", []).append(round(svc["p99_s"] / max(v["p99_s"], 1e-9), 3))
-    for row in ratios.values():
-        for key in [k for k in row if k.endswith(("_over_vllm", "_over_ceiling"))]:
-            row[key + "_median"] = sorted(row[key])[len(row[key]) // 2]
+    ratios = ratio_table(rounds, report.get("ceiling"))
     report["ratios"] = ratios
     if rounds:
         report.update({name: rounds[-1][name] for name in ("service", "vllm") if name in rounds[-1]})

@@ -83,7 +83,7 @@ async def run_cell(
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         elapsed = time.monotonic() - start
     lat = np.array(latencies) if latencies else np.array([np.nan])
-    ran_out = ran_out_at is not None and ran_out_at < stop_at
+    ran_out = ran_out_at is not None  # set only while the clock was still running
     if ran_out:
         print(f"warning: all {len(requests)} generated requests were sent {ran_out_at - start:.1f} s into a "
               f"{duration:g}-s run; the rest of the run had fewer than {concurrency} in flight: raise "

@@ -1,0 +1,44 @@
+"""benchmarks/compare.py's ratio table: per-round ratios against vLLM and the ceiling, and their medians."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import compare  # noqa: E402
+
+
+def _round(service: list[tuple[int, float, float]], vllm: list[tuple[int, float, float]] | None = None) -> dict:
+    def results(rows):
+        return {"results": [{"concurrency": c, "pairs_per_s": p, "p99_s": q} for c, p, q in rows]}
+
+    rnd = {"service": results(service)}
+    if vllm is not None:
+        rnd["vllm"] = results(vllm)
+    return rnd
+
+
+def test_even_rounds_take_the_mean_of_the_middle_two_as_median():
+    rounds = [_round([(1, 13.0, 0.10), (4, 20.0, 0.30)], [(1, 10.0, 0.10), (4, 20.0, 0.40)]),
+              _round([(1, 11.0, 0.12), (4, 18.0, 0.30)], [(1, 10.0, 0.15), (4, 20.0, 0.30)])]
+    table = compare.ratio_table(rounds)
+    one = table["1"]
+    assert one["service_pairs_per_s"] == [13.0, 11.0] and one["vllm_pairs_per_s"] == [10.0, 10.0]
+    assert one["service_over_vllm"] == [1.3, 1.1]
+    assert one["service_over_vllm_median"] == 1.2  # not the upper of the two
+    assert one["p99_service_over_vllm"] == [1.0, 0.8] and one["p99_service_over_vllm_median"] == 0.9
+    assert table["4"]["service_over_vllm_median"] == 0.95
+    assert table["4"]["p99_service_over_vllm_median"] == 0.875
+    assert "service_over_ceiling" not in one
+
+
+def test_odd_rounds_ceiling_and_service_only_rounds():
+    rounds = [_round([(16, 30.0, 9.0)], [(16, 25.0, 9.0)]), _round([(16, 24.0, 9.0)], [(16, 30.0, 9.0)]),
+              _round([(16, 27.0, 9.0)], [(16, 27.0, 9.0)])]
+    row = compare.ratio_table(rounds, {"pairs_per_s": 30.0})["16"]
+    assert row["service_over_vllm"] == [1.2, 0.8, 1.0] and row["service_over_vllm_median"] == 1.0
+    assert row["service_over_ceiling"] == [1.0, 0.8, 0.9] and row["service_over_ceiling_median"] == 0.9
+    alone = compare.ratio_table([_round([(2, 5.0, 1.0)])])["2"]
+    assert alone == {"service_pairs_per_s": [5.0], "service_p99_s": [1.0]}
