@@ -148,8 +148,19 @@ def text_only_config(ckpt: Path, port: int) -> tuple[dict, dict, dict]:
     return cfg, args, text
 
 
+def parse_overrides(text: str) -> dict:
+    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (values parsed as YAML scalars)."""
+    out: dict = {}
+    for part in filter(None, text.split(",")):
+        k, v = part.split("=")
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
 def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None,
-                   max_batch_tokens: int | None = None, scorer_replicas: int = 1) -> Path:
+                   max_batch_tokens: int | None = None, scorer_replicas: int = 1,
+                   scorer: dict | None = None) -> Path:
+    """``scorer``: other scorer fields to override (``cpu_forward_tokens``, ``max_ongoing_requests``, ...)."""
     cfg, args, text = text_only_config(ckpt, port)
     # one engine on a 2-core machine, like vLLM's: no autoscaling (a second CPU scorer only contends)
     text["scorer"]["torch_threads"] = threads
@@ -161,6 +172,7 @@ def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chun
     if max_batch_tokens:
         text["scorer"]["max_batch_tokens"] = max_batch_tokens
     text["scorer"]["num_replicas"] = scorer_replicas
+    text["scorer"].update(scorer or {})
     out.write_text(yaml.safe_dump(cfg))
     return out
 
@@ -185,7 +197,7 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
 def run_service(ckpt: Path, args: argparse.Namespace) -> dict:
     port = 18200
     cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk,
-                         args.max_batch_tokens, args.scorer_replicas)
+                         args.max_batch_tokens, args.scorer_replicas, parse_overrides(args.scorer))
     proc, haproxy_before = start_service(cfg, args.serve_mode, RESULTS / "service.log")
     try:
         ready_s = wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc)
@@ -270,6 +282,8 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="override the scorer's max_batch_tokens")
     ap.add_argument("--scorer-replicas", type=int, default=1,
                     help="CPU scorer replicas, each with --threads torch threads (default 1)")
+    ap.add_argument("--scorer", default="", help="key=value,... overriding other scorer fields, e.g. "
+                    "cpu_forward_tokens=2048")
     ap.add_argument("--ceiling-requests", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=1, help="alternate service and vLLM this many times")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ceiling,service,vllm")
@@ -280,7 +294,8 @@ def main() -> None:
     report: dict = {"checkpoint": "hidden 256, 4 layers, 4 heads / 1 KV head, head_dim 64, real tokenizer, float32",
                     "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens,
                                  "concurrency": args.concurrency, "duration_s": args.duration},
-                    "threads": args.threads, "scorer_replicas": args.scorer_replicas, "serve_mode": args.serve_mode}
+                    "threads": args.threads, "scorer_replicas": args.scorer_replicas, "serve_mode": args.serve_mode,
+                    "scorer_overrides": parse_overrides(args.scorer)}
     if "ceiling" not in skip:
         report["ceiling"] = run_ceiling(ckpt, args)
         print(json.dumps({"ceiling": report["ceiling"]}), flush=True)

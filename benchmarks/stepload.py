@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from compare import (  # noqa: E402
-    RESULTS, SERVE_MODES, bench_checkpoint, start_service, stop, text_only_config, wait_ready,
+    RESULTS, SERVE_MODES, bench_checkpoint, parse_overrides, start_service, stop, text_only_config, wait_ready,
 )
 from loadgen import body_for  # noqa: E402
 from workload import Cell, TextFactory  # noqa: E402
@@ -55,14 +55,6 @@ def parse_steps(text: str) -> list[tuple[int, float]]:
     if not steps:
         raise ValueError("no steps")
     return steps
-
-
-def parse_overrides(text: str) -> dict:
-    out: dict = {}
-    for part in filter(None, text.split(",")):
-        k, v = part.split("=")
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 def stepload_config(ckpt: Path, out: Path, scorer_autoscaling: dict, scorer: dict | None = None) -> Path:

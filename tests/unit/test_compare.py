@@ -42,3 +42,20 @@ def test_odd_rounds_ceiling_and_service_only_rounds():
     assert row["service_over_ceiling"] == [1.0, 0.8, 0.9] and row["service_over_ceiling_median"] == 0.9
     alone = compare.ratio_table([_round([(2, 5.0, 1.0)])])["2"]
     assert alone == {"service_pairs_per_s": [5.0], "service_p99_s": [1.0]}
+
+
+def test_service_config_applies_scorer_overrides_and_validates(tmp_path):
+    """--scorer k=v,... reaches the text scorer of the benchmark's serve config, which the app accepts."""
+    import yaml
+
+    from deployments.config import AppArgs
+
+    assert compare.parse_overrides("cpu_forward_tokens=2048,batch_queue=serve") == {
+        "cpu_forward_tokens": 2048, "batch_queue": "serve"}
+    out = compare.service_config(tmp_path / "ckpt", 18999, 2, tmp_path / "c.yaml",
+                                 scorer=compare.parse_overrides("cpu_forward_tokens=2048"))
+    (model,) = AppArgs.model_validate(yaml.safe_load(out.read_text())["applications"][0]["args"]).models
+    assert model.scorer.cpu_forward_tokens == 2048 and model.scorer.torch_threads == 2
+    plain = compare.service_config(tmp_path / "ckpt", 18999, 2, tmp_path / "d.yaml")
+    (model,) = AppArgs.model_validate(yaml.safe_load(plain.read_text())["applications"][0]["args"]).models
+    assert model.scorer.cpu_forward_tokens != 2048
