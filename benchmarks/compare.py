@@ -194,10 +194,10 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
     return json.loads(out[out.index("{"):])
 
 
-def run_service(ckpt: Path, args: argparse.Namespace) -> dict:
+def run_service(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict) -> dict:
     port = 18200
     cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk,
-                         args.max_batch_tokens, args.scorer_replicas, parse_overrides(args.scorer))
+                         args.max_batch_tokens, args.scorer_replicas, scorer_overrides)
     proc, haproxy_before = start_service(cfg, args.serve_mode, RESULTS / "service.log")
     try:
         ready_s = wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc)
@@ -239,7 +239,6 @@ def run_vllm(ckpt: Path, args: argparse.Namespace) -> dict:
         stop(proc)
 
 
-
 def ratio_table(rounds: list[dict], ceiling: dict | None = None) -> dict:
     """Per concurrency: each round's service and vLLM throughput and p99, their ratios, and the ratios'
     medians (the mean of the middle two for an even number of rounds).
@@ -266,6 +265,7 @@ def ratio_table(rounds: list[dict], ceiling: dict | None = None) -> dict:
         for key in [k for k in row if k.endswith(("_over_vllm", "_over_ceiling"))]:
             row[key + "_median"] = round(statistics.median(row[key]), 3)
     return ratios
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,7 +295,7 @@ def main() -> None:
                     "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens,
                                  "concurrency": args.concurrency, "duration_s": args.duration},
                     "threads": args.threads, "scorer_replicas": args.scorer_replicas, "serve_mode": args.serve_mode,
-                    "scorer_overrides": parse_overrides(args.scorer)}
+                    "scorer_overrides": parse_overrides(args.scorer)}  # parsed once, used by every round
     if "ceiling" not in skip:
         report["ceiling"] = run_ceiling(ckpt, args)
         print(json.dumps({"ceiling": report["ceiling"]}), flush=True)
@@ -304,13 +304,12 @@ def main() -> None:
     for k in range(args.rounds):
         rnd: dict = {}
         if "service" not in skip:
-            rnd["service"] = run_service(ckpt, args)
+            rnd["service"] = run_service(ckpt, args, report["scorer_overrides"])
         if args.vllm_python and "vllm" not in skip:
             rnd["vllm"] = run_vllm(ckpt, args)
         rounds.append(rnd)
     report["rounds"] = rounds
-    ratios = ratio_table(rounds, report.get("ceiling"))
-    report["ratios"] = ratios
+    report["ratios"] = ratio_table(rounds, report.get("ceiling"))
     if rounds:
         report.update({name: rounds[-1][name] for name in ("service", "vllm") if name in rounds[-1]})
     out = RESULTS / "compare.json"
