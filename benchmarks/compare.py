@@ -181,7 +181,8 @@ def loadgen(url: str, route: str, model: str, args: argparse.Namespace, tag: str
     out = RESULTS / f"loadgen-{tag}.json"
     cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--route", route, "--model", model,
            "--tokenizer", args.tokenizer, "--docs", str(args.docs), "--doc-tokens", args.doc_tokens,
-           "--concurrency", args.concurrency, "--duration", str(args.duration), "--out", str(out)]
+           "--concurrency", args.concurrency, "--duration", str(args.duration), "--out", str(out),
+           "--max-requests", str(args.max_requests)]
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -284,6 +285,8 @@ def main() -> None:
                     help="CPU scorer replicas, each with --threads torch threads (default 1)")
     ap.add_argument("--scorer", default="", help="key=value,... overriding other scorer fields, e.g. "
                     "cpu_forward_tokens=2048")
+    ap.add_argument("--max-requests", type=int, default=1000,
+                    help="requests generated per concurrency level and server (loadgen warns if a run uses them all)")
     ap.add_argument("--ceiling-requests", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=1, help="alternate service and vLLM this many times")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ceiling,service,vllm")
