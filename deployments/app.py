@@ -100,12 +100,14 @@ def scorer_defaults(s: ScorerArgs, use_gpu: bool = True) -> tuple[int, float]:
     budget unit), plus as much again waiting, so the next batch is ready when the current one ends. The
     autoscaler aims at a quarter of a batch's units in ongoing chunks (a chunk is usually several units).
     On CPU a text batch is one pass of ``cpu_forward_tokens``, so the target follows that smaller budget:
-    with the defaults, 4 ongoing chunks per CPU replica instead of 16.
+    with the defaults, 4 ongoing chunks per CPU replica instead of 16 (times the passes a CPU replica runs
+    at once, ``cpu_parallel_passes``).
     """
     units = max(1, s.max_batch_tokens // s.batch_token_unit)
-    max_ongoing = units * s.max_concurrent_batches * 2
+    concurrent = s.concurrent_batches(use_gpu)
+    max_ongoing = units * concurrent * 2
     batch_units = units if use_gpu else max(1, s.cpu_pass_tokens // s.batch_token_unit)
-    target = max(1.0, batch_units * s.max_concurrent_batches / 4)
+    target = max(1.0, batch_units * concurrent / 4)
     return max_ongoing, target
 
 

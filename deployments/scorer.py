@@ -70,9 +70,13 @@ class Scorer:
         self.model_args = ModelArgs.model_validate(model)
         self.cfg = ScorerArgs.model_validate(scorer)
         device = pick_device(use_gpu and bool(ray.get_gpu_ids()))
+        self.concurrent_batches = self.cfg.max_concurrent_batches
         if device == "cpu":
-            threads = self.cfg.torch_threads or max(1, int(round(self.cfg.num_cpus)))
-            torch.set_num_threads(threads)
+            # cpu_threads in all, as cpu_parallel_passes passes of cpu_threads_per_pass threads each: a 1-thread
+            # pass keeps going while another process holds the other core, where a 2-thread pass would wait for
+            # it at the barrier that ends each op (see ScorerArgs.cpu_threads_per_pass)
+            self.concurrent_batches = self.cfg.cpu_parallel_passes
+            torch.set_num_threads(min(self.cfg.cpu_threads_per_pass, self.cfg.cpu_threads))
         m = self.model_args
         t0 = time.monotonic()
         # forward passes run on long-lived threads of their own, so the event loop stays free for queueing.
@@ -81,7 +85,7 @@ class Scorer:
         # CPUs, idle workers spin ~100 times instead of ~300k before sleeping. Loaded on the replica's main
         # thread, a 2-thread CPU scorer slept and woke ~1000 times a second (3 when one thread does both), and
         # its passes ran 21% slower beside bursty background processes (benchmarks/README.md).
-        self._forward_pool = ThreadPoolExecutor(self.cfg.max_concurrent_batches, thread_name_prefix="forward")
+        self._forward_pool = ThreadPoolExecutor(self.concurrent_batches, thread_name_prefix="forward")
         self.reranker, self._load_thread = self._forward_pool.submit(
             _on_this_thread,
             load_reranker,
@@ -114,7 +118,7 @@ class Scorer:
             batched = serve.batch(
                 max_batch_size=self.max_units,
                 batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
-                max_concurrent_batches=self.cfg.max_concurrent_batches,
+                max_concurrent_batches=self.concurrent_batches,
                 batch_size_fn=_units,
             )(self._run_batch)
             self._submit = lambda item: batched(item)
@@ -125,19 +129,22 @@ class Scorer:
                 self._run_batch,
                 max_size=batch_tokens,
                 wait_s=self.cfg.batch_wait_timeout_s,
-                max_concurrent=self.cfg.max_concurrent_batches,
+                max_concurrent=self.concurrent_batches,
             )
             self._submit = lambda item: fifo.submit(item, item.enc.total_tokens)
         self.metrics = ScorerMetrics(m.id)
         self._warm_up()
         self._ready = True
         log.info(
-            "scorer for %s ready on %s (%s) in %.1f s; batch budget %d tokens",
+            "scorer for %s ready on %s (%s) in %.1f s; batch budget %d tokens; %d batch(es) at once, %d torch "
+            "thread(s) each",
             m.id,
             device,
             str(self.reranker.dtype).replace("torch.", ""),
             time.monotonic() - t0,
             self.cfg.max_batch_tokens,
+            self.concurrent_batches,
+            torch.get_num_threads(),
         )
 
     def _warm_up(self) -> None:
@@ -192,7 +199,8 @@ class Scorer:
         return {
             "device": str(self.reranker.device),
             "dtype": str(self.reranker.dtype),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(),  # per forward pass
+            "concurrent_batches": self.concurrent_batches,
             "max_batch_tokens": self.cfg.max_batch_tokens,
             "pid": os.getpid(),
             # "pid:native thread id" of the thread that loaded the model, and of those its forward passes ran on

@@ -76,7 +76,9 @@ class RerankResult:
 
 
 class Reranker:
-    """A loaded text cross-encoder. Thread-compatible, not thread-safe (one forward at a time).
+    """A loaded text cross-encoder. Forward passes hold no state of their own on the object, so several
+    threads may run ``forward_rows`` at once (a CPU scorer runs one 1-thread pass per core); changing its
+    settings while a pass runs is not safe.
 
     ``max_batch_tokens``: real tokens per forward pass. ``attention_group_tokens``: padded tokens per
     attention group inside a pass (pairs of close lengths attend as one padded block; only attention

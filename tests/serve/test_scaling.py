@@ -144,9 +144,10 @@ def test_metrics_are_exported(service, ray_cluster):
     assert 'route="/v1/rerank"' in line or "route=" in line
 
 
-def test_fifo_budget_counts_tokens_not_units(ray_cluster, tiny_text):
-    """Four ~120-token chunks share one 512-token CPU batch (in 256-token units only two would), no batch
-    goes over the budget, and every chunk's logits equal its logits scored alone."""
+def _score_chunks_at_once(tiny_text, scorer_cfg: dict, n_chunks: int, wrap) -> tuple:
+    """A CPU Scorer (in this process) with ``scorer_cfg``; ``n_chunks`` ~120-token chunks submitted at once,
+    with ``wrap(forward_rows)`` standing in for the reranker's forward. -> (scorer, results, logits alone).
+    The scorer sets torch's thread count for the process: it is restored afterwards."""
     import asyncio
 
     import torch
@@ -154,30 +155,80 @@ def test_fifo_budget_counts_tokens_not_units(ray_cluster, tiny_text):
     from deployments.scorer import Scorer
 
     model = next(m for m in config_args({"text": tiny_text, "vl": tiny_text})["models"] if m["name"] == "text")
-    cfg = {"num_cpus": 0.1, "torch_threads": torch.get_num_threads(), "max_batch_tokens": 512,
-           "cpu_forward_tokens": 512, "batch_token_unit": 256, "batch_wait_timeout_s": 0.2}
-    s = Scorer.func_or_class(model, cfg, False)
+    threads = torch.get_num_threads()
+    s = Scorer.func_or_class(model, {"num_cpus": 0.1, **scorer_cfg}, False)
     try:
-        encs = [s.reranker.encode(f"query {i}", [f"passage {i} " + "protein intake " * 50]) for i in range(5)]
+        passage = "protein intake " * 50
+        encs = [s.reranker.encode(f"query {i}", [f"passage {i} {passage}"]) for i in range(n_chunks)]
         assert all(100 <= e.total_tokens <= 128 for e in encs), [e.total_tokens for e in encs]
         alone = [s.reranker.finalize(e, s.reranker.forward_encoded(e)) for e in encs]
-        batches: list[int] = []
-        forward = s.reranker.forward_rows
-
-        def recording(rows, *a, **k):
-            batches.append(sum(len(r) for r in rows))
-            return forward(rows, *a, **k)
-
-        s.reranker.forward_rows = recording
+        s.reranker.forward_rows = wrap(s.reranker.forward_rows)
 
         async def all_at_once():
             return await asyncio.gather(*(s.score(e) for e in encs))
 
-        got = asyncio.run(all_at_once())
+        return s, asyncio.run(all_at_once()), alone
     finally:
         s._forward_pool.shutdown()
-    assert sum(batches) == sum(e.total_tokens for e in encs)
+        torch.set_num_threads(threads)
+
+
+def test_fifo_budget_counts_tokens_not_units(ray_cluster, tiny_text):
+    """Four ~120-token chunks share one 512-token CPU batch (in 256-token units only two would), no batch
+    goes over the budget, and every chunk's logits equal its logits scored alone."""
+    import torch
+
+    threads = torch.get_num_threads()
+    batches: list[int] = []
+
+    def wrap(forward):
+        def recording(rows, *a, **k):
+            batches.append(sum(len(r) for r in rows))
+            return forward(rows, *a, **k)
+
+        return recording
+
+    cfg = {"torch_threads": threads, "cpu_threads_per_pass": threads, "max_batch_tokens": 512,  # one batch at a time
+           "cpu_forward_tokens": 512, "batch_token_unit": 256, "batch_wait_timeout_s": 0.2}
+    _, got, alone = _score_chunks_at_once(tiny_text, cfg, 5, wrap)
+    assert sum(batches) == sum(g.tokens for g in got)
     assert max(batches) <= 512 and len(batches) == 2, batches  # the first alone (idle replica), then 4 together
+    for g, a in zip(got, alone):
+        np.testing.assert_allclose(g.logits, a, atol=1e-5, rtol=0)
+
+
+def test_cpu_scorer_runs_one_thread_passes_side_by_side(ray_cluster, tiny_text):
+    """torch_threads 2 on CPU: two batches run at once, each pass on one torch thread, and every chunk's
+    logits equal its logits scored alone."""
+    import threading
+
+    import torch
+
+    seen = {"active": 0, "most": 0, "threads": set(), "pass_threads": set()}
+    lock = threading.Lock()
+
+    def wrap(forward):
+        def recording(rows, *a, **k):
+            with lock:
+                seen["active"] += 1
+                seen["most"] = max(seen["most"], seen["active"])
+                seen["threads"].add(threading.get_ident())
+                seen["pass_threads"].add(torch.get_num_threads())
+            try:
+                out = forward(rows, *a, **k)
+                time.sleep(0.3)  # hold the slot so the next batch must start beside this one
+                return out
+            finally:
+                with lock:
+                    seen["active"] -= 1
+
+        return recording
+
+    cfg = {"torch_threads": 2, "max_batch_tokens": 512, "cpu_forward_tokens": 512, "batch_wait_timeout_s": 0.05}
+    s, got, alone = _score_chunks_at_once(tiny_text, cfg, 9, wrap)
+    assert s.concurrent_batches == 2
+    assert seen["most"] == 2 and len(seen["threads"]) == 2, seen
+    assert seen["pass_threads"] == {1}, seen
     for g, a in zip(got, alone):
         np.testing.assert_allclose(g.logits, a, atol=1e-5, rtol=0)
 
@@ -192,3 +243,4 @@ def test_scorer_loads_and_runs_its_model_on_one_thread(service, name):
     stats = serve.get_deployment_handle(f"Scorer-{name}", "rerank").stats.remote().result(timeout_s=30)
     assert stats["load_thread"].startswith(f"{stats['pid']}:")
     assert stats["forward_threads"] == [stats["load_thread"]]
+    assert stats["concurrent_batches"] == 1  # num_cpus 0.1: one thread, so one pass at a time

@@ -54,6 +54,28 @@ def test_scorer_autoscaling_target_follows_the_batch_it_runs():
     assert scorer_defaults(small, use_gpu=False) == (16, 2.0)  # never above the batch budget itself
     opts = deployment_options(s, *scorer_defaults(s, use_gpu=False))
     assert opts["autoscaling_config"]["target_ongoing_requests"] == 4.0
+    two = s.model_copy(update={"torch_threads": 2})  # a CPU replica with 2 threads runs two 1-thread passes
+    assert two.cpu_parallel_passes == 2
+    assert scorer_defaults(two, use_gpu=False) == (256, 8.0) and scorer_defaults(two, use_gpu=True) == (128, 16.0)
     pinned = s.model_copy(update={"autoscaling": AutoscalingArgs(max_replicas=4, target_ongoing_requests=9)})
     assert deployment_options(pinned, *scorer_defaults(pinned, False))["autoscaling_config"][
         "target_ongoing_requests"] == 9  # a configured target wins
+
+
+@pytest.mark.parametrize(
+    "fields,threads,passes",
+    [
+        ({"num_cpus": 0.5}, 1, 1),  # the shipped CPU scorer: one thread, one pass
+        ({"num_cpus": 2}, 2, 2),
+        ({"torch_threads": 4, "cpu_threads_per_pass": 2}, 4, 2),
+        ({"torch_threads": 2, "cpu_threads_per_pass": 8}, 2, 1),  # more per pass than there are: one pass
+        ({"torch_threads": 1, "max_concurrent_batches": 3}, 1, 3),  # never fewer than max_concurrent_batches
+    ],
+)
+def test_cpu_scorer_splits_its_threads_into_parallel_passes(fields, threads, passes):
+    from deployments.config import ScorerArgs
+
+    s = ScorerArgs(**fields)
+    assert (s.cpu_threads, s.cpu_parallel_passes) == (threads, passes)
+    assert s.concurrent_batches(use_gpu=False) == passes
+    assert s.concurrent_batches(use_gpu=True) == s.max_concurrent_batches

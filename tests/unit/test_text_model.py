@@ -71,6 +71,22 @@ def test_batched_equals_single(text_reranker):
     np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
 
 
+def test_forward_on_two_threads_at_once_equals_one_at_a_time(text_reranker):
+    """A CPU scorer runs several forward passes of one model at once, one per thread: nothing in a pass
+    may leak into another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    docs = [d * k for k, d in enumerate(DOCS + MULTILINGUAL, start=1)]
+    enc = text_reranker.encode(QUERY, docs)
+    rows = [enc.pair(i) for i in range(len(enc.lengths))]
+    jobs = [rows[k::3] for k in range(3)] * 4  # three different batches, each run four times
+    alone = [text_reranker.forward_rows(j) for j in jobs[:3]]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(text_reranker.forward_rows, jobs))
+    for k, got in enumerate(together):
+        np.testing.assert_allclose(got, alone[k % 3], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("group_tokens,pass_tokens", [(16, 64), (64, 300), (512, 4096), (1 << 20, 1 << 20)])
 def test_packed_passes_equal_padded_batches(text_reranker, group_tokens, pass_tokens):
     """Real tokens only through the matmuls, padding only inside attention groups: same logits as padded

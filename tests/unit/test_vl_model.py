@@ -484,3 +484,15 @@ def test_state_dict_keys_are_the_published_ones(tiny_vl):
     with torch.device("meta"):
         model = NemotronVLForSequenceClassification(read_checkpoint_config(tiny_vl).config)
     assert set(model.state_dict()) == published
+
+
+def test_forward_on_two_threads_at_once_equals_one_at_a_time(vl, images):
+    """Two passes of one VL model at once (a CPU scorer runs one per thread) give each its own result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [[TEXTS[0], {"image": images["300x90"]}], [{"text": TEXTS[1], "image": images["gray-300x600"]}]] * 3
+    alone = [np.array(vl.score(QUERY, j)) for j in jobs[:2]]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda j: np.array(vl.score(QUERY, j)), jobs))
+    for k, got in enumerate(together):
+        np.testing.assert_allclose(got, alone[k % 2], atol=1e-6, rtol=0)
