@@ -4,8 +4,10 @@
 
 Generates the same kind of workload as loadgen.py (fresh texts), encodes every request, packs all pairs
 of all requests together (one global length sort: the best packing there is) and runs them through the
-model in forward passes of the size a CPU scorer uses (``cpu_forward_tokens``, 4096 tokens). Prints
-pairs/s for the forward passes alone and for encode + forward.
+model in forward passes of the size a CPU scorer uses (``cpu_forward_tokens``, 4096 tokens), split over
+threads the way a CPU scorer splits them (``--threads`` in all, ``--threads-per-pass`` each, the passes
+dealt round-robin to ``threads / threads-per-pass`` forward threads). Prints pairs/s for the forward
+passes alone and for encode + forward.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -27,6 +30,7 @@ from deployments.config import ScorerArgs  # noqa: E402
 from rerank_core import load_reranker  # noqa: E402
 
 CPU_PASS_TOKENS = ScorerArgs.model_fields["cpu_forward_tokens"].default
+THREADS_PER_PASS = ScorerArgs.model_fields["cpu_threads_per_pass"].default
 
 
 def main() -> None:
@@ -37,19 +41,25 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--doc-tokens", default="64,512")
     ap.add_argument("--query-words", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in all (default: torch's own)")
+    ap.add_argument("--threads-per-pass", type=int, default=THREADS_PER_PASS,
+                    help="torch threads per forward pass (default: the CPU scorer's cpu_threads_per_pass)")
     ap.add_argument("--max-batch-tokens", type=int, default=CPU_PASS_TOKENS,
                     help="tokens per forward pass (default: the CPU scorer's cpu_forward_tokens)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    r = load_reranker(args.checkpoint, device="cpu", dtype=args.dtype, max_batch_tokens=args.max_batch_tokens)
+    threads = args.threads or torch.get_num_threads()
+    per_pass = min(args.threads_per_pass, threads)
+    parallel = max(1, threads // per_pass)
+    torch.set_num_threads(per_pass)
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="forward")
+    r = pool.submit(load_reranker, args.checkpoint, device="cpu", dtype=args.dtype,
+                    max_batch_tokens=args.max_batch_tokens).result()
     lo, hi = (int(x) for x in args.doc_tokens.split(","))
     cell = Cell(docs_per_request=args.docs, doc_tokens=(lo, hi), query_words=args.query_words)
     reqs = make_requests(cell, args.requests, r.tokenizer.count_tokens, seed=args.seed)
-    r.score(*reqs[0])  # warm up
+    list(pool.map(lambda _: r.score(*reqs[0]), range(parallel)))  # warm up every forward thread
     t0 = time.perf_counter()
     rows = []
     for q, docs in reqs:
@@ -57,13 +67,18 @@ def main() -> None:
         rows.extend(enc.pair(i) for i in range(len(enc.lengths)))
     t1 = time.perf_counter()
     plan = r.plan_rows(rows)
-    r.forward_rows(rows, plan=plan)
+    # the passes, dealt round-robin to the forward threads (a pass is what one scorer batch runs on CPU)
+    groups = plan.passes or [[k] for k in range(len(plan.batches))]
+    passes = [[i for k in p for i in plan.batches[k].indices] for p in groups]
+    shares = [[rows[i] for p in passes[t::parallel] for i in p] for t in range(parallel)]
+    list(pool.map(r.forward_rows, shares))
     t2 = time.perf_counter()
     pairs = len(rows)
     print(json.dumps({
         "pairs": pairs,
         "tokens": int(sum(len(x) for x in rows)),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
+        "parallel_passes": parallel,
         "padded_over_real": round(plan.padding_ratio, 3),
         "encode_s": round(t1 - t0, 2),
         "forward_s": round(t2 - t1, 2),

@@ -187,10 +187,16 @@ def loadgen(url: str, route: str, model: str, args: argparse.Namespace, tag: str
     return json.loads(out.read_text())
 
 
-def run_ceiling(ckpt: Path, args: argparse.Namespace) -> dict:
+def run_ceiling(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict | None = None) -> dict:
+    """The ceiling with the scorer's threads and passes (``--scorer cpu_threads_per_pass=N`` applies to both)."""
     cmd = [sys.executable, str(HERE / "ceiling.py"), "--checkpoint", str(ckpt), "--tokenizer", args.tokenizer,
            "--docs", str(args.docs), "--doc-tokens", args.doc_tokens, "--threads", str(args.threads),
            "--requests", str(args.ceiling_requests)]
+    overrides = scorer_overrides or {}
+    if "cpu_threads_per_pass" in overrides:
+        cmd += ["--threads-per-pass", str(overrides["cpu_threads_per_pass"])]
+    if "cpu_forward_tokens" in overrides:
+        cmd += ["--max-batch-tokens", str(overrides["cpu_forward_tokens"])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out[out.index("{"):])
 
@@ -300,7 +306,7 @@ def main() -> None:
                     "threads": args.threads, "scorer_replicas": args.scorer_replicas, "serve_mode": args.serve_mode,
                     "scorer_overrides": parse_overrides(args.scorer)}  # parsed once, used by every round
     if "ceiling" not in skip:
-        report["ceiling"] = run_ceiling(ckpt, args)
+        report["ceiling"] = run_ceiling(ckpt, args, report["scorer_overrides"])
         print(json.dumps({"ceiling": report["ceiling"]}), flush=True)
     # the machine's speed drifts: alternate the servers over several rounds and compare within a round
     rounds = []
