@@ -146,11 +146,12 @@ class ScorerArgs(DeploymentArgs):
     cpu_threads_per_pass: int = Field(
         1,
         ge=1,
-        description="CPU-only scorer: torch threads each forward pass uses. The replica runs torch_threads / "
-        "cpu_threads_per_pass passes at once, each on a thread of its own (and so that many batches: at least "
-        "max_concurrent_batches). With 1, a pass never waits at a barrier for a thread that another process "
-        "took its core from: on a 2-core machine under load, two 1-thread passes scored 10-15% more pairs/s "
-        "than one 2-thread pass (benchmarks/README.md).",
+        description="CPU-only scorer under load: torch threads each forward pass uses. The replica runs "
+        "torch_threads / cpu_threads_per_pass passes at once, each on a thread of its own (and so that many "
+        "batches: at least max_concurrent_batches). With 1, a pass never waits at a barrier for a thread whose "
+        "core another process took: on a 2-core machine under load, two 1-thread passes scored 10-20% more "
+        "pairs/s than one 2-thread pass (benchmarks/README.md). A batch that starts while nothing else runs or "
+        "waits uses all torch_threads, so a lone request is not slowed down.",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile on GPU (slower start, faster steps).")
 

@@ -55,6 +55,17 @@ def _on_this_thread(fn, *args, **kwargs) -> tuple:
     return fn(*args, **kwargs), f"{os.getpid()}:{threading.get_native_id()}"
 
 
+def _with_threads(threads: int | None, fn, *args):
+    """``fn(*args)`` with ``threads`` torch threads on this thread (None: as they are).
+
+    torch's thread count is per thread once the thread has run parallel work (before that, its first
+    parallel op copies the count last set anywhere), so ``get_num_threads`` comes first: it settles this
+    thread's own count, which ``set_num_threads`` then changes for this thread alone."""
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return fn(*args)
+
+
 @serve.deployment
 class Scorer:
     """Holds one model; ``score(EncodedPairs)`` joins a token-budget batch shared by concurrent requests.
@@ -71,12 +82,19 @@ class Scorer:
         self.cfg = ScorerArgs.model_validate(scorer)
         device = pick_device(use_gpu and bool(ray.get_gpu_ids()))
         self.concurrent_batches = self.cfg.max_concurrent_batches
+        # CPU: (threads for a batch that has the replica to itself, threads for one that runs beside others)
+        self._cpu_threads: tuple[int, int] | None = None
         if device == "cpu":
-            # cpu_threads in all, as cpu_parallel_passes passes of cpu_threads_per_pass threads each: a 1-thread
-            # pass keeps going while another process holds the other core, where a 2-thread pass would wait for
-            # it at the barrier that ends each op (see ScorerArgs.cpu_threads_per_pass)
+            # under load, cpu_parallel_passes passes of cpu_threads_per_pass threads each: a 1-thread pass keeps
+            # going while another process holds the other core, where a 2-thread pass would wait for it at the
+            # barrier that ends each op (see ScorerArgs.cpu_threads_per_pass). A batch that starts with nothing
+            # else running or queued gets every thread, so a lone request is not slowed down.
+            per_pass = min(self.cfg.cpu_threads_per_pass, self.cfg.cpu_threads)
             self.concurrent_batches = self.cfg.cpu_parallel_passes
-            torch.set_num_threads(min(self.cfg.cpu_threads_per_pass, self.cfg.cpu_threads))
+            self._cpu_threads = (self.cfg.cpu_threads, per_pass)
+            torch.set_num_threads(per_pass)
+        self._running = 0  # batches in their forward pass now
+        self._pass_threads: dict[int, int] = {}  # torch threads -> batches run with that many (stats)
         m = self.model_args
         t0 = time.monotonic()
         # forward passes run on long-lived threads of their own, so the event loop stays free for queueing.
@@ -122,6 +140,7 @@ class Scorer:
                 batch_size_fn=_units,
             )(self._run_batch)
             self._submit = lambda item: batched(item)
+            self._queued = lambda: 0  # Serve's queue does not say
         else:
             # the FIFO counts tokens exactly: in units of 256, three 1.36k-token chunks (6 units each) would
             # not share a 4096-token pass (16 units), and CPU passes would run a third short
@@ -132,6 +151,7 @@ class Scorer:
                 max_concurrent=self.concurrent_batches,
             )
             self._submit = lambda item: fifo.submit(item, item.enc.total_tokens)
+            self._queued = lambda: len(fifo)
         self.metrics = ScorerMetrics(m.id)
         self._warm_up()
         self._ready = True
@@ -166,9 +186,19 @@ class Scorer:
                 tiles.append(it.enc.pair_tiles(p))
                 owners.append(k)
         plan = self.reranker.plan_rows(rows, tiles)
-        logits, thread = await asyncio.get_running_loop().run_in_executor(
-            self._forward_pool, _on_this_thread, self.reranker.forward_rows, rows, tiles, plan
-        )
+        threads = None
+        if self._cpu_threads is not None:
+            alone = self._running == 0 and not self._queued()
+            threads = self._cpu_threads[0] if alone else self._cpu_threads[1]
+            self._pass_threads[threads] = self._pass_threads.get(threads, 0) + 1
+        self._running += 1
+        try:
+            logits, thread = await asyncio.get_running_loop().run_in_executor(
+                self._forward_pool, _on_this_thread, _with_threads, threads, self.reranker.forward_rows, rows, tiles,
+                plan,
+            )
+        finally:
+            self._running -= 1
         self._forward_threads.add(thread)
         forward_ms = (time.monotonic() - start) * 1000
         self.metrics.record_batch(
@@ -192,6 +222,11 @@ class Scorer:
             )
         return out
 
+    @property
+    def pass_threads(self) -> dict[str, int]:
+        """CPU: batches run so far, by torch threads per pass (all of them when the replica was idle)."""
+        return {str(k): v for k, v in sorted(self._pass_threads.items())}
+
     def ready(self) -> bool:
         return self._ready
 
@@ -199,8 +234,9 @@ class Scorer:
         return {
             "device": str(self.reranker.device),
             "dtype": str(self.reranker.dtype),
-            "torch_threads": torch.get_num_threads(),  # per forward pass
+            "torch_threads": torch.get_num_threads(),  # per forward pass (on CPU: under load)
             "concurrent_batches": self.concurrent_batches,
+            "pass_threads": self.pass_threads,
             "max_batch_tokens": self.cfg.max_batch_tokens,
             "pid": os.getpid(),
             # "pid:native thread id" of the thread that loaded the model, and of those its forward passes ran on

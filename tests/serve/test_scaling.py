@@ -198,39 +198,62 @@ def test_fifo_budget_counts_tokens_not_units(ray_cluster, tiny_text):
 
 
 def test_cpu_scorer_runs_one_thread_passes_side_by_side(ray_cluster, tiny_text):
-    """torch_threads 2 on CPU: two batches run at once, each pass on one torch thread, and every chunk's
-    logits equal its logits scored alone."""
+    """torch_threads 2 on CPU: two batches run at once, each pass on one torch thread when another batch runs
+    beside it or waits, on both threads when the replica has it to itself; logits equal those scored alone."""
     import threading
 
     import torch
 
-    seen = {"active": 0, "most": 0, "threads": set(), "pass_threads": set()}
+    calls: list[tuple[int, int]] = []  # (torch threads in the pass, batches already running when it started)
+    state = {"active": 0, "most": 0, "threads": set()}
     lock = threading.Lock()
 
     def wrap(forward):
         def recording(rows, *a, **k):
             with lock:
-                seen["active"] += 1
-                seen["most"] = max(seen["most"], seen["active"])
-                seen["threads"].add(threading.get_ident())
-                seen["pass_threads"].add(torch.get_num_threads())
+                calls.append((torch.get_num_threads(), state["active"]))
+                state["active"] += 1
+                state["most"] = max(state["most"], state["active"])
+                state["threads"].add(threading.get_ident())
             try:
                 out = forward(rows, *a, **k)
                 time.sleep(0.3)  # hold the slot so the next batch must start beside this one
                 return out
             finally:
                 with lock:
-                    seen["active"] -= 1
+                    state["active"] -= 1
 
         return recording
 
     cfg = {"torch_threads": 2, "max_batch_tokens": 512, "cpu_forward_tokens": 512, "batch_wait_timeout_s": 0.05}
     s, got, alone = _score_chunks_at_once(tiny_text, cfg, 9, wrap)
     assert s.concurrent_batches == 2
-    assert seen["most"] == 2 and len(seen["threads"]) == 2, seen
-    assert seen["pass_threads"] == {1}, seen
+    assert state["most"] == 2 and len(state["threads"]) == 2, (state, calls)
+    # the first batch started with 5 more chunks queued, the second beside it: one thread each
+    assert calls[0][0] == 1 and calls[1] == (1, 1), calls
+    assert all(threads == 1 for threads, running in calls if running), calls
     for g, a in zip(got, alone):
         np.testing.assert_allclose(g.logits, a, atol=1e-5, rtol=0)
+    assert sum(s.pass_threads.values()) == len(calls)
+
+
+def test_cpu_scorer_gives_a_lone_batch_every_thread(ray_cluster, tiny_text):
+    """A chunk that finds the CPU replica idle (nothing running, nothing queued) runs on all torch_threads."""
+    import torch
+
+    seen: list[int] = []
+
+    def wrap(forward):
+        def recording(rows, *a, **k):
+            seen.append(torch.get_num_threads())
+            return forward(rows, *a, **k)
+
+        return recording
+
+    cfg = {"torch_threads": 2, "max_batch_tokens": 512, "cpu_forward_tokens": 512}
+    s, got, alone = _score_chunks_at_once(tiny_text, cfg, 1, wrap)
+    assert seen == [2] and s.pass_threads == {"2": 1}
+    np.testing.assert_allclose(got[0].logits, alone[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["text", "vl"])
