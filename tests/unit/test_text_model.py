@@ -178,3 +178,19 @@ def test_bf16_runs_and_stays_close(tiny_text):
     assert r16.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     a, b = np.array(r32.score(QUERY, DOCS)), np.array(r16.score(QUERY, DOCS))
     assert np.abs(a - b).max() < 0.25
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (2, 5, 64), (4096, 256)])
+def test_cpu_rmsnorm_equals_the_fused_op(shape):
+    """The CPU RMSNorm (one norm reduction, two products) equals torch's rms_norm in float32."""
+    from rerank_core.models.llama_bidirectional import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1]) + 0.5)
+    x = torch.randn(shape) * 3
+    want = torch.nn.functional.rms_norm(x, (shape[-1],), norm.weight, 1e-5)
+    torch.testing.assert_close(norm(x), want, atol=2e-6, rtol=2e-6)
+    tiny = torch.full((1, shape[-1]), 1e-4)  # eps dominates: both must agree there too
+    torch.testing.assert_close(norm(tiny), torch.nn.functional.rms_norm(tiny, (shape[-1],), norm.weight, 1e-5))
