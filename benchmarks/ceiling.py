@@ -50,9 +50,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     threads = args.threads or torch.get_num_threads()
-    per_pass = min(args.threads_per_pass, threads)
-    parallel = max(1, threads // per_pass)
-    torch.set_num_threads(per_pass)
+    split = ScorerArgs(torch_threads=threads, cpu_threads_per_pass=args.threads_per_pass)  # as a CPU scorer does
+    parallel = split.cpu_parallel_passes
+    torch.set_num_threads(split.cpu_pass_threads)
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="forward")
     r = pool.submit(load_reranker, args.checkpoint, device="cpu", dtype=args.dtype,
                     max_batch_tokens=args.max_batch_tokens).result()

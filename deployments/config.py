@@ -161,9 +161,14 @@ class ScorerArgs(DeploymentArgs):
         return self.torch_threads or max(1, int(round(self.num_cpus)))
 
     @property
+    def cpu_pass_threads(self) -> int:
+        """torch threads of one CPU forward pass under load: cpu_threads_per_pass, at most cpu_threads."""
+        return min(self.cpu_threads_per_pass, self.cpu_threads)
+
+    @property
     def cpu_parallel_passes(self) -> int:
-        """Forward passes a CPU-only replica runs at once (each with ``cpu_threads_per_pass`` threads)."""
-        return max(self.max_concurrent_batches, self.cpu_threads // min(self.cpu_threads_per_pass, self.cpu_threads))
+        """Forward passes a CPU-only replica runs at once (each with ``cpu_pass_threads`` threads)."""
+        return max(self.max_concurrent_batches, self.cpu_threads // self.cpu_pass_threads)
 
     def concurrent_batches(self, use_gpu: bool) -> int:
         """Batches a replica runs at once: max_concurrent_batches on GPU, the parallel passes on CPU."""

@@ -89,10 +89,9 @@ class Scorer:
             # going while another process holds the other core, where a 2-thread pass would wait for it at the
             # barrier that ends each op (see ScorerArgs.cpu_threads_per_pass). A batch that starts with nothing
             # else running or queued gets every thread, so a lone request is not slowed down.
-            per_pass = min(self.cfg.cpu_threads_per_pass, self.cfg.cpu_threads)
             self.concurrent_batches = self.cfg.cpu_parallel_passes
-            self._cpu_threads = (self.cfg.cpu_threads, per_pass)
-            torch.set_num_threads(per_pass)
+            self._cpu_threads = (self.cfg.cpu_threads, self.cfg.cpu_pass_threads)
+            torch.set_num_threads(self.cfg.cpu_pass_threads)
         self._running = 0  # batches in their forward pass now
         self._pass_threads: dict[int, int] = {}  # torch threads -> batches run with that many (stats)
         m = self.model_args

@@ -77,5 +77,6 @@ def test_cpu_scorer_splits_its_threads_into_parallel_passes(fields, threads, pas
 
     s = ScorerArgs(**fields)
     assert (s.cpu_threads, s.cpu_parallel_passes) == (threads, passes)
+    assert s.cpu_pass_threads == min(s.cpu_threads_per_pass, threads)
     assert s.concurrent_batches(use_gpu=False) == passes
     assert s.concurrent_batches(use_gpu=True) == s.max_concurrent_batches
