@@ -311,6 +311,7 @@ class Ingress:
                 except Exception as e:  # only a lost replica is retried; anything else propagates as it is
                     if not replica_lost(e):
                         raise
+                    self._ready_until = 0.0  # a cached "ready" must not outlive a replica known to be gone
                     if attempt == 2:
                         log.warning("request %s: a replica went away again (%s); answering 503",
                                     prep.request_id, type(e).__name__)
