@@ -46,6 +46,8 @@ def main() -> None:
                     help="torch threads per forward pass (default: the CPU scorer's cpu_threads_per_pass)")
     ap.add_argument("--max-batch-tokens", type=int, default=CPU_PASS_TOKENS,
                     help="tokens per forward pass (default: the CPU scorer's cpu_forward_tokens)")
+    ap.add_argument("--compile", action="store_true",
+                    help="fused elementwise kernels, as a CPU scorer with compile: true (Reranker.fuse_elementwise)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
@@ -56,6 +58,8 @@ def main() -> None:
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="forward")
     r = pool.submit(load_reranker, args.checkpoint, device="cpu", dtype=args.dtype,
                     max_batch_tokens=args.max_batch_tokens).result()
+    if args.compile and not pool.submit(r.fuse_elementwise).result():
+        raise SystemExit("--compile: the elementwise kernels did not compile (see the warning above)")
     lo, hi = (int(x) for x in args.doc_tokens.split(","))
     cell = Cell(docs_per_request=args.docs, doc_tokens=(lo, hi), query_words=args.query_words)
     reqs = make_requests(cell, args.requests, r.tokenizer.count_tokens, seed=args.seed)

@@ -188,7 +188,8 @@ def loadgen(url: str, route: str, model: str, args: argparse.Namespace, tag: str
 
 
 def run_ceiling(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict | None = None) -> dict:
-    """The ceiling with the scorer's threads and passes (``--scorer cpu_threads_per_pass=N`` applies to both)."""
+    """The ceiling with the scorer's threads, passes and kernels (``--scorer cpu_threads_per_pass=N``,
+    ``cpu_forward_tokens=N`` and ``compile=true`` apply to both)."""
     cmd = [sys.executable, str(HERE / "ceiling.py"), "--checkpoint", str(ckpt), "--tokenizer", args.tokenizer,
            "--docs", str(args.docs), "--doc-tokens", args.doc_tokens, "--threads", str(args.threads),
            "--requests", str(args.ceiling_requests)]
@@ -197,6 +198,8 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict | N
         cmd += ["--threads-per-pass", str(overrides["cpu_threads_per_pass"])]
     if "cpu_forward_tokens" in overrides:
         cmd += ["--max-batch-tokens", str(overrides["cpu_forward_tokens"])]
+    if overrides.get("compile"):
+        cmd += ["--compile"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out[out.index("{"):])
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -159,7 +159,14 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, -1))
 
-    def forward_packed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: "PackedLayout") -> torch.Tensor:
+    def forward_packed(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: "PackedLayout",
+        rotary: Callable[..., torch.Tensor] = apply_rotary,
+    ) -> torch.Tensor:
         """x [T, H]; cos/sin [T, 1, D/2] -> [T, H]: attention per group of ``layout``."""
         t = x.shape[0]
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
@@ -167,7 +174,7 @@ class Attention(nn.Module):
             heads = F.linear(x, self.qkv_weight, self.qkv_bias).view(t, nh + 2 * nkv, d)
         else:
             heads = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).view(t, nh + 2 * nkv, d)
-        qk = apply_rotary(heads[:, : nh + nkv], cos, sin)  # [T, Nh + Nkv, D]
+        qk = rotary(heads[:, : nh + nkv], cos, sin)  # [T, Nh + Nkv, D]
         v = heads[:, nh + nkv :]
         out = torch.empty((t, nh * d), dtype=x.dtype, device=x.device)
         for g in layout.groups:
@@ -233,10 +240,13 @@ class MLP(nn.Module):
         """One gate/up matmul instead of two (weights become views of the fused one, as in Attention)."""
         self.gate_up_weight, self.gate_up_bias = _fuse_linears(self.gate_proj, self.up_proj)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``silu_mul`` (optional, needs fused weights): a fused ``silu(gate) * up`` over the [T, 2I] output."""
         if self.gate_up_weight is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        if silu_mul is not None:
+            return self.down_proj(silu_mul(gate_up))
         half = gate_up.shape[-1] // 2
         act = F.silu(gate_up[..., :half], inplace=True)  # in place: no second [T, I] buffer to allocate
         return self.down_proj(act.mul_(gate_up[..., half:]))
@@ -353,6 +363,7 @@ class LlamaBidirectionalModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
+        self.ops: ElementwiseOps | None = None  # fused elementwise kernels for forward_packed (compile_elementwise)
 
     def forward(
         self,
@@ -374,9 +385,98 @@ class LlamaBidirectionalModel(nn.Module):
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(layout.positions[None], h.dtype)  # [1, T, 1, D/2]
         cos, sin = cos[0], sin[0]
+        if self.ops is not None:
+            return self._forward_packed_fused(h, cos, sin, layout, self.ops)
         for layer in self.layers:
             h = layer.forward_packed(h, cos, sin, layout)
         return self.norm(h)
+
+    def _forward_packed_fused(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout, ops: ElementwiseOps
+    ) -> torch.Tensor:
+        """The layers of ``forward_packed`` with each residual add fused into the norm that follows it (the
+        next layer's input norm, or the final norm after the last layer), rotary and SwiGLU as one kernel each."""
+        if len(self.layers) == 0:
+            return self.norm(h)
+        first = self.layers[0].input_layernorm
+        x = ops.rms_norm(h, first.weight, first.eps)
+        following = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, after in zip(self.layers, following):
+            a = layer.self_attn.forward_packed(x, cos, sin, layout, rotary=ops.rotary)
+            mid = layer.post_attention_layernorm
+            h, x = ops.add_rms_norm(h, a, mid.weight, mid.eps)
+            h, x = ops.add_rms_norm(h, layer.mlp(x, silu_mul=ops.silu_mul), after.weight, after.eps)
+        return x
+
+
+# ------------------------------------------------------------------------- fused elementwise steps (CPU)
+# Written as plain tensor expressions for inductor to fuse: one loop each instead of several eager kernels,
+# each of which reads and writes the whole [T, H] or [T, I] activation. Eager, they equal the modules above.
+
+
+def rms_norm_expr(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    v = x.float()
+    return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def add_rms_norm_expr(
+    h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + a, rms_norm(h + a)): the residual stream and the next block's input."""
+    h = h + a
+    return h, rms_norm_expr(h, weight, eps)
+
+
+def rotary_expr(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def silu_mul_expr(gate_up: torch.Tensor) -> torch.Tensor:
+    half = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :half]) * gate_up[..., half:]
+
+
+@dataclass(frozen=True)
+class ElementwiseOps:
+    """The elementwise steps of a packed pass, as callables (compiled by ``compile_elementwise``)."""
+
+    rms_norm: Callable[..., torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary: Callable[..., torch.Tensor]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
+
+
+def eager_elementwise() -> ElementwiseOps:
+    return ElementwiseOps(rms_norm_expr, add_rms_norm_expr, rotary_expr, silu_mul_expr)
+
+
+def compile_elementwise(model: nn.Module) -> int:
+    """Route every Llama trunk in ``model`` through fused elementwise kernels in its packed passes.
+
+    Only the elementwise steps are compiled (inductor, dynamic shapes); matmuls and attention stay the eager
+    ATen kernels. Inductor generates C++ on CPU, so a C++ compiler must be present; compilation happens on
+    the first pass (run one to find out, and ``reset_elementwise`` on failure). The kernels run with the
+    calling thread's torch thread count. Returns the number of trunks changed.
+    """
+    def compiled(fn: Callable) -> Callable:
+        return torch.compile(fn, dynamic=True, fullgraph=True)
+
+    ops = ElementwiseOps(*(compiled(f) for f in (rms_norm_expr, add_rms_norm_expr, rotary_expr, silu_mul_expr)))
+    return _set_ops(model, ops)
+
+
+def reset_elementwise(model: nn.Module) -> int:
+    """Back to the eager modules."""
+    return _set_ops(model, None)
+
+
+def _set_ops(model: nn.Module, ops: ElementwiseOps | None) -> int:
+    trunks = [m for m in model.modules() if isinstance(m, LlamaBidirectionalModel)]
+    for m in trunks:
+        m.ops = ops
+    return len(trunks)
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -267,3 +267,16 @@ def test_scorer_loads_and_runs_its_model_on_one_thread(service, name):
     assert stats["load_thread"].startswith(f"{stats['pid']}:")
     assert stats["forward_threads"] == [stats["load_thread"]]
     assert stats["concurrent_batches"] == 1  # num_cpus 0.1: one thread, so one pass at a time
+
+
+def test_cpu_scorer_with_compile_runs_fused_elementwise_kernels(ray_cluster, tiny_text, text_reranker):
+    """compile on a CPU text scorer: the elementwise kernels are compiled at start and batches
+    of concurrent chunks score as the eager model does, on two one-thread passes at once."""
+    cfg = {"torch_threads": 2, "compile": True, "max_batch_tokens": 512, "cpu_forward_tokens": 512,
+           "batch_wait_timeout_s": 0.05}
+    s, got, _ = _score_chunks_at_once(tiny_text, cfg, 6, lambda forward: forward)
+    assert s.fused_elementwise is True
+    passage = "protein intake " * 50
+    for i, g in enumerate(got):
+        want = text_reranker.score(f"query {i}", [f"passage {i} {passage}"])
+        np.testing.assert_allclose(g.logits, want, atol=1e-5, rtol=0)

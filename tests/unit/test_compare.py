@@ -62,7 +62,8 @@ def test_service_config_applies_scorer_overrides_and_validates(tmp_path):
 
 
 def test_ceiling_runs_with_the_scorers_threads_per_pass_and_pass_size(tmp_path, monkeypatch):
-    """--scorer cpu_threads_per_pass / cpu_forward_tokens change the ceiling's passes as they do the scorer's."""
+    """--scorer cpu_threads_per_pass / cpu_forward_tokens / compile change the ceiling's passes as they do the
+    scorer's."""
     import argparse
     import types
 
@@ -76,7 +77,9 @@ def test_ceiling_runs_with_the_scorers_threads_per_pass_and_pass_size(tmp_path, 
     args = argparse.Namespace(tokenizer="tok", docs=8, doc_tokens="32,256", threads=2, ceiling_requests=4)
     assert compare.run_ceiling(tmp_path, args) == {"pairs": 1}
     assert "--threads-per-pass" not in calls[0] and "--max-batch-tokens" not in calls[0]
-    compare.run_ceiling(tmp_path, args, {"cpu_threads_per_pass": 2, "cpu_forward_tokens": 2048})
+    assert "--compile" not in calls[0]
+    compare.run_ceiling(tmp_path, args, {"cpu_threads_per_pass": 2, "cpu_forward_tokens": 2048, "compile": True})
     cmd = calls[1]
     assert cmd[cmd.index("--threads-per-pass") + 1] == "2" and cmd[cmd.index("--max-batch-tokens") + 1] == "2048"
+    assert "--compile" in cmd
     assert cmd[cmd.index("--threads") + 1] == "2"

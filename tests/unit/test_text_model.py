@@ -194,3 +194,26 @@ def test_cpu_rmsnorm_equals_the_fused_op(shape):
     torch.testing.assert_close(norm(x), want, atol=2e-6, rtol=2e-6)
     tiny = torch.full((1, shape[-1]), 1e-4)  # eps dominates: both must agree there too
     torch.testing.assert_close(norm(tiny), torch.nn.functional.rms_norm(tiny, (shape[-1],), norm.weight, 1e-5))
+
+
+def test_fused_elementwise_passes_equal_the_modules(tiny_text):
+    """Packed passes through the fused elementwise path (each residual add with the norm after it, rotary,
+    SwiGLU): the plain expressions, and the same compiled by inductor, give the modules' logits."""
+    from torch._dynamo.utils import counters
+
+    from rerank_core.batching import pack_varlen
+    from rerank_core.models.llama_bidirectional import _set_ops, eager_elementwise
+
+    r = load_reranker(tiny_text, device="cpu")
+    docs = [d * k for k, d in enumerate(DOCS + MULTILINGUAL, start=1)]
+    enc = r.encode(QUERY, docs)
+    rows = [enc.pair(i) for i in range(len(enc.lengths))]
+    plan = pack_varlen([len(x) for x in rows], 256, 128)
+    want = r.forward_rows(rows, plan=plan)
+    assert _set_ops(r.model, eager_elementwise()) == 1
+    np.testing.assert_allclose(r.forward_rows(rows, plan=plan), want, atol=1e-5, rtol=0)
+    graphs = counters["stats"]["unique_graphs"]
+    assert r.fuse_elementwise()
+    assert counters["stats"]["unique_graphs"] >= graphs + 4  # the four kernels compiled: the fused path ran
+    np.testing.assert_allclose(r.forward_rows(rows, plan=plan), want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(r.score(QUERY, docs[:1]), r.score(QUERY, docs)[:1], atol=1e-5, rtol=0)
