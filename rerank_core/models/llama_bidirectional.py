@@ -51,10 +51,7 @@ class RMSNorm(nn.Module):
                 scale = torch.linalg.vector_norm(x, 2, -1, keepdim=True).square_().div_(x.shape[-1])
                 return torch.mul(x, scale.add_(self.eps).rsqrt_()).mul_(self.weight)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused; same result in float32
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm_expr(x, self.weight, self.eps)
 
 
 def llama3_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
