@@ -159,8 +159,9 @@ def parse_overrides(text: str) -> dict:
 
 def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chunk: int | None = None,
                    max_batch_tokens: int | None = None, scorer_replicas: int = 1,
-                   scorer: dict | None = None) -> Path:
-    """``scorer``: other scorer fields to override (``cpu_forward_tokens``, ``max_ongoing_requests``, ...)."""
+                   scorer: dict | None = None, model: dict | None = None) -> Path:
+    """``scorer``: other scorer fields to override (``cpu_forward_tokens``, ``max_ongoing_requests``, ...);
+    ``model``: the model's own fields (``tokenize_in_ingress``, ...)."""
     cfg, args, text = text_only_config(ckpt, port)
     # one engine on a 2-core machine, like vLLM's: no autoscaling (a second CPU scorer only contends)
     text["scorer"]["torch_threads"] = threads
@@ -173,6 +174,7 @@ def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chun
         text["scorer"]["max_batch_tokens"] = max_batch_tokens
     text["scorer"]["num_replicas"] = scorer_replicas
     text["scorer"].update(scorer or {})
+    text.update(model or {})
     out.write_text(yaml.safe_dump(cfg))
     return out
 
@@ -207,7 +209,8 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict | N
 def run_service(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict) -> dict:
     port = 18200
     cfg = service_config(ckpt, port, args.threads, RESULTS / "serve_config.bench.yaml", args.docs_per_chunk,
-                         args.max_batch_tokens, args.scorer_replicas, scorer_overrides)
+                         args.max_batch_tokens, args.scorer_replicas, scorer_overrides,
+                         parse_overrides(args.model))
     proc, haproxy_before = start_service(cfg, args.serve_mode, RESULTS / "service.log")
     try:
         ready_s = wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc)
@@ -294,6 +297,8 @@ def main() -> None:
                     help="CPU scorer replicas, each with --threads torch threads (default 1)")
     ap.add_argument("--scorer", default="", help="key=value,... overriding other scorer fields, e.g. "
                     "cpu_forward_tokens=2048")
+    ap.add_argument("--model", default="", help="key=value,... overriding the model's fields, e.g. "
+                    "tokenize_in_ingress=false")
     ap.add_argument("--max-requests", type=int, default=1000,
                     help="requests generated per concurrency level and server (loadgen warns if a run uses them all)")
     ap.add_argument("--ceiling-requests", type=int, default=40)
@@ -307,7 +312,8 @@ def main() -> None:
                     "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens,
                                  "concurrency": args.concurrency, "duration_s": args.duration},
                     "threads": args.threads, "scorer_replicas": args.scorer_replicas, "serve_mode": args.serve_mode,
-                    "scorer_overrides": parse_overrides(args.scorer)}  # parsed once, used by every round
+                    "scorer_overrides": parse_overrides(args.scorer),  # parsed once, used by every round
+                    "model_overrides": parse_overrides(args.model)}
     if "ceiling" not in skip:
         report["ceiling"] = run_ceiling(ckpt, args, report["scorer_overrides"])
         print(json.dumps({"ceiling": report["ceiling"]}), flush=True)

@@ -111,6 +111,12 @@ def scorer_defaults(s: ScorerArgs, use_gpu: bool = True) -> tuple[int, float]:
     return max_ongoing, target
 
 
+def tokenized_in_ingress(cfg: AppArgs, use_gpu: bool) -> tuple[str, ...]:
+    """Ids of the models whose text-only chunks the ingress tokenizes itself (``ModelArgs.tokenize_in_ingress``;
+    unset: on CPU, where a preprocess hop's CPU comes out of the forward passes)."""
+    return tuple(m.id for m in cfg.models if (not use_gpu if m.tokenize_in_ingress is None else m.tokenize_in_ingress))
+
+
 def build_app(args: dict | AppArgs) -> serve.Application:
     cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     use_gpu = resolve_accelerator(cfg)
@@ -131,6 +137,6 @@ def build_app(args: dict | AppArgs) -> serve.Application:
         ).bind(margs, m.scorer.model_dump(), use_gpu)
         handles[m.id] = {"preprocess": pre, "scorer": scorer}
     ingress = Ingress.options(name="Ingress", **deployment_options(cfg.ingress, 256, 64)).bind(
-        cfg.model_dump(), handles
+        cfg.model_dump(), handles, tokenized_in_ingress(cfg, use_gpu)
     )
     return ingress

@@ -232,6 +232,13 @@ class ModelArgs(_Strict):
         description="Divide logits by the config's `temperature`. Off by default: the published references "
         "return the undivided head output.",
     )
+    tokenize_in_ingress: bool | None = Field(
+        None,
+        description="Tokenize text-only chunks in the ingress (on a worker thread) instead of on a preprocess "
+        "replica: one handle call per chunk instead of two. Default (unset): on when the app runs on CPU, where "
+        "every hop's CPU comes out of the forward passes; off on GPU, where preprocess replicas scale apart "
+        "from the ingress. Chunks with images always go to the preprocess replicas.",
+    )
     preprocess: DeploymentArgs = Field(
         default_factory=lambda: DeploymentArgs(
             num_replicas=None, autoscaling=AutoscalingArgs(min_replicas=1, max_replicas=4)

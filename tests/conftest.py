@@ -143,7 +143,11 @@ def service(ray_cluster, tiny_text, tiny_vl, tmp_path_factory) -> Service:
     keys_file = tmp_path_factory.mktemp("auth") / "keys"
     keys_file.write_text("")
     sources = {"text": tiny_text, "vl": tiny_vl}
-    serve.run(build_app(config_args(sources, str(keys_file))), name="rerank", route_prefix="/")
+    args = config_args(sources, str(keys_file))
+    # this cluster has (logical) GPUs, where preprocess replicas tokenize by default: the text model takes the
+    # CPU default instead (the ingress tokenizes its text chunks), so the API tests cover both paths
+    next(m for m in args["models"] if m["name"] == "text")["tokenize_in_ingress"] = True
+    serve.run(build_app(args), name="rerank", route_prefix="/")
     svc = Service(f"http://127.0.0.1:{port}", keys_file, sources)
     yield svc
     svc.client.close()

@@ -21,12 +21,15 @@ VL = "nvidia/llama-nemotron-rerank-vl-1b-v2"
 
 
 def text_app_args(tiny_text: str, *, ingress: dict | None = None, preprocess: dict | None = None,
-                  scorer: dict | None = None, limits: dict | None = None, http: dict | None = None) -> dict:
+                  scorer: dict | None = None, limits: dict | None = None, http: dict | None = None,
+                  tokenize_in_ingress: bool | None = None) -> dict:
     """serve_config.yaml's args serving only the text model on CPU, one small replica per deployment."""
     args = config_args({"text": tiny_text, "vl": tiny_text})
     text = next(m for m in args["models"] if m["name"] == "text")
     text["preprocess"] = {"num_cpus": 0.1, "num_replicas": 1, **(preprocess or {})}
     text["scorer"] = {"num_cpus": 0.1, "num_gpus": 0, "num_replicas": 1, **(scorer or {})}
+    if tokenize_in_ingress is not None:
+        text["tokenize_in_ingress"] = tokenize_in_ingress
     args["models"] = [text]
     args["ingress"] = {"num_cpus": 0.1, "num_replicas": 1, **(ingress or {})}
     args["accelerator"] = "cpu"
@@ -49,10 +52,12 @@ AUX_APPS = {
                 "cpu_forward_tokens": 2048},
         limits={"docs_per_chunk": 8, "request_timeout_s": 5.0, "max_chunks_in_flight": 2},
     ),
-    # Two replicas of the preprocess and scorer deployments, so one of each can be killed. CORS on for one
-    # origin; a 64 KiB body limit.
+    # Two replicas of the preprocess and scorer deployments, so one of each can be killed (text goes through
+    # the preprocess replicas here, not the CPU default of tokenizing in the ingress). CORS on for one origin;
+    # a 64 KiB body limit.
     "rel-faults": lambda t: text_app_args(
         t,
+        tokenize_in_ingress=False,
         preprocess={"num_replicas": 2},
         scorer={"num_replicas": 2},
         limits={"max_body_bytes": 65536},

@@ -59,6 +59,12 @@ def test_service_config_applies_scorer_overrides_and_validates(tmp_path):
     plain = compare.service_config(tmp_path / "ckpt", 18999, 2, tmp_path / "d.yaml")
     (model,) = AppArgs.model_validate(yaml.safe_load(plain.read_text())["applications"][0]["args"]).models
     assert model.scorer.cpu_forward_tokens != 2048
+    assert model.tokenize_in_ingress is None
+    # --model k=v,... sets the model's own fields
+    off = compare.service_config(tmp_path / "ckpt", 18999, 2, tmp_path / "e.yaml",
+                                 model=compare.parse_overrides("tokenize_in_ingress=false"))
+    (model,) = AppArgs.model_validate(yaml.safe_load(off.read_text())["applications"][0]["args"]).models
+    assert model.tokenize_in_ingress is False
 
 
 def test_ceiling_runs_with_the_scorers_threads_per_pass_and_pass_size(tmp_path, monkeypatch):
