@@ -7,8 +7,9 @@ the real Llama 3 tokenizer from ../shared/tokenizers/llama3 when present), and a
 pairs: ``--docs-per-query`` candidates per query (rows grouped by query, as exploding a retrieval run gives
 them), passages of ``--min-tokens``..``--max-tokens`` tokens. Then it times:
 
-* ceiling: no Ray. ``torch.set_num_threads(threads)``; every query group encoded with ``Reranker.encode``,
-  all rows packed at once under the token budget (the best packing), one ``forward_rows``, ``finalize``;
+* ceiling: no Ray. The actor's ``RerankBatchScorer`` built in process (the same threads and passes: on CPU,
+  one-thread passes of at most 4096 tokens side by side); every query group encoded with ``Reranker.encode``,
+  all rows packed at once (the best packing), one ``RerankBatchScorer.forward``, ``finalize``;
 * batch: a fresh local Ray (``num_cpus=2``), ``rerank_dataset`` with one actor (``torch_threads`` the same),
   consumed with ``iter_batches``. Steady-state pairs/s counts the rows after the first output batch over
   the time after it (so the actor's start and model load are left out, as the ceiling leaves out its
@@ -36,7 +37,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
-import torch
+import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -45,7 +46,6 @@ sys.path.insert(0, REPO)
 
 from workload import TextFactory  # noqa: E402
 
-from rerank_core import load_reranker  # noqa: E402
 from rerank_core.tiny import TinySizes, make_tiny  # noqa: E402
 
 BENCH_SIZES = TinySizes(hidden=256, layers=4, heads=4, kv_heads=1, head_dim=64, intermediate=1024)
@@ -98,8 +98,10 @@ def make_rows(r, pairs: int, docs_per_query: int, lo: int, hi: int, seed: int = 
     return rows
 
 
-def ceiling(r, rows: list[dict]) -> tuple[float, np.ndarray, dict]:
-    """In-process: per-query encode, one global packing, one forward_rows. Returns (seconds, logits, info)."""
+def ceiling(s, rows: list[dict]) -> tuple[float, np.ndarray, dict]:
+    """In-process, with the actor's scorer ``s`` (a ``RerankBatchScorer`` built outside Ray: the same passes
+    and threads): per-query encode, one global packing, one ``s.forward``. Returns (seconds, logits, info)."""
+    r = s.reranker
     c0 = cpu_counters()
     t0 = time.perf_counter()
     groups: dict[str, list[int]] = defaultdict(list)
@@ -112,7 +114,7 @@ def ceiling(r, rows: list[dict]) -> tuple[float, np.ndarray, dict]:
             flat.append(enc.pair(p))
             owner.append(u)
     plan = r.plan_rows(flat)
-    pair_logits = r.forward_rows(flat, None, plan)
+    pair_logits = s.forward(flat, [None] * len(flat), plan)
     owner_arr = np.asarray(owner)
     out = np.empty(len(rows), dtype=np.float32)
     for u, (enc, idx) in enumerate(units):
@@ -123,7 +125,9 @@ def ceiling(r, rows: list[dict]) -> tuple[float, np.ndarray, dict]:
     return seconds, out, info
 
 
-def batch(path: str, rows: list[dict], threads: int, batch_size: int, budget: int) -> tuple[dict, np.ndarray]:
+def batch(path: str, rows: list[dict], threads: int, batch_size: int, budget: int,
+          scorer: dict | None = None) -> tuple[dict, np.ndarray]:
+    """``scorer``: other ``RerankBatchScorer`` arguments (``threads_per_pass``, ``cpu_forward_tokens``)."""
     import ray
     import ray.data
 
@@ -139,7 +143,7 @@ def batch(path: str, rows: list[dict], threads: int, batch_size: int, budget: in
         ds = ray.data.from_items(rows)
         scored = rerank_dataset(
             ds, path, num_actors=1, batch_size=batch_size, device="cpu", torch_threads=threads,
-            max_batch_tokens=budget,
+            max_batch_tokens=budget, **(scorer or {}),
         )
         logits = np.full(len(rows), np.nan, dtype=np.float32)
         t0 = time.perf_counter()
@@ -182,25 +186,32 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--budget", type=int, default=16384, help="max_batch_tokens of both sides")
     ap.add_argument("--rounds", type=int, default=3, help="batch runs, each between two ceiling runs")
+    ap.add_argument("--scorer", default="", help="key=value,... for RerankBatchScorer, e.g. threads_per_pass=2,"
+                    "cpu_forward_tokens=16384 (one pass on every thread, as before stop 20)")
     ap.add_argument("--keep-niceness", action="store_true", help="leave Ray's worker niceness (15) as it is")
     args = ap.parse_args()
     if not args.keep_niceness:
         os.environ["RAY_worker_niceness"] = "0"  # read by the raylet that ray.init starts
 
+    scorer = {}
+    for part in filter(None, args.scorer.split(",")):
+        k, v = part.split("=")
+        scorer[k.strip()] = yaml.safe_load(v)
     path = bench_checkpoint(args.checkpoint, args.tokenizer)
-    torch.set_num_threads(args.threads)
-    r = load_reranker(path, device="cpu", max_batch_tokens=args.budget)
-    rows = make_rows(r, args.pairs, args.docs_per_query, args.min_tokens, args.max_tokens)
-    ceiling(r, rows[:64])  # warm up
-    ceil_s, ceil_logits, plan = ceiling(r, rows)
+    from deployments.batch import RerankBatchScorer
+
+    # the ceiling runs the actor's own passes (threads_per_pass threads each, side by side) without Ray
+    s = RerankBatchScorer(path, device="cpu", torch_threads=args.threads, max_batch_tokens=args.budget, **scorer)
+    rows = make_rows(s.reranker, args.pairs, args.docs_per_query, args.min_tokens, args.max_tokens)
+    ceiling(s, rows[:64])  # warm up
+    ceil_s, ceil_logits, plan = ceiling(s, rows)
     ceilings = [len(rows) / ceil_s]
     ceil_cpu = [plan.pop("busy_cpu_s", None)]
     ceil_steal = [plan.pop("steal_share", None)]
     runs, ratios, diffs, missing = [], [], [], 0
     for _ in range(max(1, args.rounds)):
-        stats, batch_logits = batch(path, rows, args.threads, args.batch_size, args.budget)
-        torch.set_num_threads(args.threads)
-        ceil_s, _, info = ceiling(r, rows)
+        stats, batch_logits = batch(path, rows, args.threads, args.batch_size, args.budget, scorer)
+        ceil_s, _, info = ceiling(s, rows)
         ceilings.append(len(rows) / ceil_s)
         ceil_cpu.append(info.get("busy_cpu_s"))
         ceil_steal.append(info.get("steal_share"))
@@ -220,6 +231,7 @@ def main() -> None:
         "threads": args.threads,
         "batch_size": args.batch_size,
         "max_batch_tokens": args.budget,
+        "scorer": scorer,
         "ceiling_plan": plan,
         "ceiling_pairs_per_s": round(float(np.median(ceilings)), 1),
         "ceiling_runs_pairs_per_s": [round(c, 1) for c in ceilings],

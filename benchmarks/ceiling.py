@@ -72,9 +72,7 @@ def main() -> None:
     t1 = time.perf_counter()
     plan = r.plan_rows(rows)
     # the passes, dealt round-robin to the forward threads (a pass is what one scorer batch runs on CPU)
-    groups = plan.passes or [[k] for k in range(len(plan.batches))]
-    passes = [[i for k in p for i in plan.batches[k].indices] for p in groups]
-    shares = [[rows[i] for p in passes[t::parallel] for i in p] for t in range(parallel)]
+    shares = [[rows[i] for i in share] for share in plan.deal(parallel)]
     list(pool.map(r.forward_rows, shares))
     t2 = time.perf_counter()
     pairs = len(rows)

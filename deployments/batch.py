@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from rerank_core.errors import CheckpointError, RerankError
-from rerank_core.reranker import sigmoid
+from rerank_core.reranker import sigmoid, with_torch_threads
 
 log = logging.getLogger("deployments.batch")
 
@@ -173,8 +173,12 @@ class RerankBatchScorer:
     once per group), then all token rows of the batch go through one ``plan_rows``/``forward_rows``, so
     pairs of different queries share micro-batches of at most ``max_batch_tokens`` padded tokens.
 
-    ``device="auto"`` takes the GPU that Ray gave the actor when torch can see it, else the CPU (then
-    ``torch_threads``, by default the CPUs Ray gave the actor, sets torch's thread count). ``truncate``,
+    ``device="auto"`` takes the GPU that Ray gave the actor when torch can see it, else the CPU. On CPU,
+    ``torch_threads`` (by default the CPUs Ray gave the actor) are split into forward passes of
+    ``threads_per_pass`` threads that run side by side, each on a thread of its own, like a CPU scorer's
+    (``ScorerArgs.cpu_threads_per_pass``): a one-thread pass never waits at a barrier for a core another
+    process holds; passes hold at most ``cpu_forward_tokens`` (``max_batch_tokens`` is the GPU budget). A
+    batch with a single pass, and the VL model's padded batches, get every thread. ``truncate``,
     ``max_length``, ``max_tokens_per_doc``, ``max_chunks`` and ``max_tiles`` (VL) mean what they mean for
     ``Reranker.encode``. ``model_kwargs`` go to ``load_reranker`` (``revision``, ``query_budget``, ...).
     """
@@ -195,11 +199,16 @@ class RerankBatchScorer:
         max_tiles: int | None = None,
         max_batch_tiles: int | None = None,
         torch_threads: int | None = None,
+        threads_per_pass: int = 1,
+        cpu_forward_tokens: int = 4096,
         model_kwargs: dict[str, Any] | None = None,
     ):
+        import functools
+
         import torch
 
         from rerank_core import load_reranker
+        from rerank_core.reranker import resolve_device
         from rerank_core.tokenization import normalize_truncate
 
         self.truncate = normalize_truncate(truncate)
@@ -210,27 +219,58 @@ class RerankBatchScorer:
         self.max_tokens_per_doc = max_tokens_per_doc
         self.max_chunks = max_chunks
         t0 = time.monotonic()
-        self.reranker = load_reranker(
-            model_source, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, **(model_kwargs or {})
+        load = functools.partial(
+            load_reranker, model_source, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens,
+            **(model_kwargs or {}),
         )
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads = self._pass_threads = self._parallel = 1
+        if resolve_device(device).type == "cpu":
+            self._threads = int(torch_threads or _assigned_cpus() or torch.get_num_threads())
+            self._pass_threads = max(1, min(int(threads_per_pass), self._threads))
+            self._parallel = max(1, self._threads // self._pass_threads)
+            # the model is loaded on a forward thread too: libgomp gives every thread that runs parallel work
+            # a team of its own, and a spare team on the loading thread makes idle workers spin less and sleep
+            # and wake more (benchmarks/README.md, stop 18)
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._parallel, thread_name_prefix="forward")
+            self.reranker = self._pool.submit(with_torch_threads, self._pass_threads, load).result()
+            # CPU passes as a CPU scorer runs them: 4096 tokens were as fast as 2048 and faster than 8192, and
+            # more passes than threads keep the threads evenly loaded
+            self.reranker.max_batch_tokens = min(int(max_batch_tokens), int(cpu_forward_tokens))
+        else:
+            self.reranker = load()
         self.extra: dict[str, Any] = {}
         if self.reranker.kind == "vl":
             if max_tiles is not None:
                 self.extra["max_tiles"] = int(max_tiles)
             if max_batch_tiles is not None:
                 self.reranker.max_batch_tiles = int(max_batch_tiles)
-        if self.reranker.device.type == "cpu":
-            threads = torch_threads or _assigned_cpus()
-            if threads:
-                torch.set_num_threads(int(threads))
         log.info(
-            "batch scorer: %s model on %s (%s, %d torch threads) ready in %.1f s",
+            "batch scorer: %s model on %s (%s; CPU: %d pass(es) of %d torch thread(s) side by side) ready in %.1f s",
             self.reranker.kind,
             self.reranker.device,
             str(self.reranker.dtype).replace("torch.", ""),
-            torch.get_num_threads(),
+            self._parallel,
+            self._pass_threads,
             time.monotonic() - t0,
         )
+
+    def forward(self, rows: list[np.ndarray], tiles: list[Any], plan) -> np.ndarray:
+        """Logits of every token row, in order (``plan`` from ``reranker.plan_rows``): on CPU the plan's
+        passes dealt to the forward threads."""
+        r = self.reranker
+        if self._pool is None:
+            return r.forward_rows(rows, tiles, plan)
+        shares = plan.deal(self._parallel) if plan.passes is not None else []
+        if len(shares) < 2:  # one pass, or padded batches (VL): one at a time, on every thread
+            return self._pool.submit(with_torch_threads, self._threads, r.forward_rows, rows, tiles, plan).result()
+        outs = self._pool.map(
+            lambda idx: with_torch_threads(self._pass_threads, r.forward_rows, [rows[i] for i in idx]), shares
+        )
+        logits = np.empty(len(rows), dtype=np.float32)
+        for idx, out in zip(shares, outs, strict=True):
+            logits[idx] = out
+        return logits
 
     def _encode(self, query: str, docs: list[Any]):
         return self.reranker.encode(
@@ -276,7 +316,7 @@ class RerankBatchScorer:
                     tiles.append(None if enc.tiles is None else enc.pair_tiles(p))
                 spans.append((start, len(rows)))
             plan = self.reranker.plan_rows(rows, tiles)
-            pair_logits = self.reranker.forward_rows(rows, tiles, plan)
+            pair_logits = self.forward(rows, tiles, plan)
             for (enc, idx), (a, b) in zip(units, spans):
                 logits[idx] = self.reranker.finalize(enc, pair_logits[a:b])
         return _output(batch, logits, errors)

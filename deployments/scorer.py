@@ -17,6 +17,7 @@ import torch
 from ray import serve
 
 from rerank_core import load_reranker
+from rerank_core.reranker import with_torch_threads
 from rerank_core.tokenization import EncodedPairs
 
 from .config import ModelArgs, ScorerArgs
@@ -61,17 +62,6 @@ def _tcmalloc_loaded() -> bool:
 def _on_this_thread(fn, *args, **kwargs) -> tuple:
     """``fn(*args, **kwargs)`` and "pid:native thread id" of the thread it ran on (see ``Scorer.stats``)."""
     return fn(*args, **kwargs), f"{os.getpid()}:{threading.get_native_id()}"
-
-
-def _with_threads(threads: int | None, fn, *args):
-    """``fn(*args)`` with ``threads`` torch threads on this thread (None: as they are).
-
-    torch's thread count is per thread once the thread has run parallel work (before that, its first
-    parallel op copies the count last set anywhere), so ``get_num_threads`` comes first: it settles this
-    thread's own count, which ``set_num_threads`` then changes for this thread alone."""
-    if threads is not None and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return fn(*args)
 
 
 @serve.deployment
@@ -209,8 +199,8 @@ class Scorer:
         self._running += 1
         try:
             logits, thread = await asyncio.get_running_loop().run_in_executor(
-                self._forward_pool, _on_this_thread, _with_threads, threads, self.reranker.forward_rows, rows, tiles,
-                plan,
+                self._forward_pool, _on_this_thread, with_torch_threads, threads, self.reranker.forward_rows, rows,
+                tiles, plan,
             )
         finally:
             self._running -= 1

@@ -55,6 +55,21 @@ class PackPlan:
         """Padded tokens over real tokens (1.0 = no padding)."""
         return self.padded_tokens / max(1, self.real_tokens)
 
+    def deal(self, workers: int) -> list[list[int]]:
+        """Row indices for ``workers`` forward threads that run passes side by side: the passes (each
+        micro-batch on its own when there are none), in planned order, each to the thread with the fewest
+        tokens so far (the first ``workers`` passes to threads 0, 1, ...). Threads left without a pass are
+        dropped, so fewer lists may come back."""
+        groups = self.passes if self.passes is not None else tuple((k,) for k in range(len(self.batches)))
+        n = max(1, workers)
+        shares: list[list[int]] = [[] for _ in range(n)]
+        load = [0] * n
+        for p in groups:
+            w = min(range(n), key=lambda j: (load[j], j))
+            shares[w].extend(i for k in p for i in self.batches[k].indices)
+            load[w] += sum(self.batches[k].padded_tokens for k in p)
+        return [s for s in shares if s]
+
     def scatter(self, per_batch: Sequence[Sequence[float]]) -> np.ndarray:
         """Per-micro-batch outputs (in each batch's index order) -> one float32 array in input order."""
         out = np.empty(self.n, dtype=np.float32)

@@ -53,6 +53,17 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def with_torch_threads(threads: int | None, fn, *args):
+    """``fn(*args)`` with ``threads`` torch threads on the calling thread (None: as they are).
+
+    torch's thread count is per thread once the thread has run parallel work (before that, its first
+    parallel op copies the count last set anywhere), so ``get_num_threads`` comes first: it settles this
+    thread's own count, which ``set_num_threads`` then changes for this thread alone."""
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return fn(*args)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``None``/``auto``: bfloat16 on GPU, float32 on CPU."""
     if isinstance(dtype, torch.dtype):

@@ -80,6 +80,40 @@ def test_scorer_packs_pairs_of_all_queries_together(tiny_text, monkeypatch):
     assert calls == [40]  # one forward_rows over the 40 pairs of 5 queries
 
 
+def test_cpu_passes_run_side_by_side_and_score_the_same(tiny_text, text_reranker, monkeypatch):
+    """torch_threads=2 on CPU: the packed passes are dealt to two one-thread forward threads; the logits are
+    those of one thread running every pass, and of the in-process reranker."""
+    import threading
+
+    docs = [f"document {i} " + "about mountains and rivers " * (i % 7) for i in range(48)]
+    b = _batch(query=[f"q{i % 3}" for i in range(48)], document=docs)
+    two = B.RerankBatchScorer(tiny_text, device="cpu", torch_threads=2, max_batch_tokens=256)
+    one = B.RerankBatchScorer(tiny_text, device="cpu", torch_threads=1, max_batch_tokens=256)
+    assert (two._parallel, two._pass_threads, one._parallel) == (2, 1, 1)
+    seen: list[tuple[int, int]] = []
+    real = two.reranker.forward_rows
+
+    def recording(rows, *rest):
+        import torch
+
+        seen.append((threading.get_ident(), len(rows)))
+        out = real(rows, *rest)
+        seen.append((threading.get_ident(), -torch.get_num_threads()))
+        return out
+
+    monkeypatch.setattr(two.reranker, "forward_rows", recording)
+    got = two(b)
+    assert len({t for t, _ in seen}) == 2  # two forward threads
+    assert sum(n for _, n in seen if n > 0) == 48 and {n for _, n in seen if n < 0} == {-1}  # 1 thread each
+    np.testing.assert_allclose(got["logit"], one(b)["logit"], atol=1e-5)
+    for q in ("q0", "q1", "q2"):
+        idx = [i for i in range(48) if f"q{i % 3}" == q]
+        np.testing.assert_allclose(got["logit"][idx], text_reranker.score(q, [docs[i] for i in idx]), atol=1e-5)
+    seen.clear()
+    two(_batch(query=["q"], document=["one short pair"]))  # a single pass gets every thread
+    assert [n for _, n in seen] == [1, -2]
+
+
 def test_missing_model_fails_loudly(tmp_path):
     from rerank_core.errors import WeightsNotFound
 

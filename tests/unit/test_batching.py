@@ -79,3 +79,25 @@ def test_pad_ids_left_and_right():
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, mask = pad_ids(rows, pad_id=9, left=True)
     assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_deal_hands_passes_to_the_least_loaded_forward_thread():
+    from rerank_core.batching import pack, pack_varlen
+
+    lengths = [300, 40, 250, 90, 500, 60, 120, 30, 410, 75]
+    plan = pack_varlen(lengths, 600, 600)
+    assert plan.passes is not None and len(plan.passes) >= 3
+    shares = plan.deal(2)
+    assert len(shares) == 2
+    assert sorted(i for s in shares for i in s) == list(range(len(lengths)))  # every row once
+    first = [i for k in plan.passes[0] for i in plan.batches[k].indices]
+    second = [i for k in plan.passes[1] for i in plan.batches[k].indices]
+    assert shares[0][: len(first)] == first and shares[1][: len(second)] == second  # first passes: 0, 1
+    pass_tokens = [sum(plan.batches[k].padded_tokens for k in p) for p in plan.passes]
+    real = [sum(lengths[i] for i in s) for s in shares]
+    assert max(real) - min(real) <= max(pass_tokens)  # balanced to within one pass
+    assert plan.deal(50) == [[i for k in p for i in plan.batches[k].indices] for p in plan.passes]  # no empties
+    assert plan.deal(1) == [[i for p in plan.passes for k in p for i in plan.batches[k].indices]]
+    padded = pack(lengths, 600)  # no passes: each micro-batch is one
+    assert sorted(i for s in padded.deal(3) for i in s) == list(range(len(lengths)))
+    assert len(padded.deal(3)) == min(3, len(padded.batches))
