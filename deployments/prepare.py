@@ -32,10 +32,6 @@ class ChunkPreparer:
                 max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
             )
 
-    @property
-    def kind(self) -> str:
-        return self.encoder.kind
-
     def prepare(self, req: PrepareRequest) -> EncodedPairs:
         """Token ids (and image tiles) of one chunk; ``InvalidInput`` for a query or length over the limits."""
         m, enc = self.model_args, self.encoder
