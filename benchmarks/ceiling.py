@@ -6,7 +6,8 @@ Generates the same kind of workload as loadgen.py (fresh texts), encodes every r
 of all requests together (one global length sort: the best packing there is) and runs them through the
 model in forward passes of the size a CPU scorer uses (``cpu_forward_tokens``, 4096 tokens), split over
 threads the way a CPU scorer splits them (``--threads`` in all, ``--threads-per-pass`` each, the passes
-dealt round-robin to ``threads / threads-per-pass`` forward threads). Prints pairs/s for the forward
+dealt to ``threads / threads-per-pass`` forward threads by ``PackPlan.deal``, each to the least-loaded
+one). Prints pairs/s for the forward
 passes alone and for encode + forward.
 """
 
@@ -71,7 +72,7 @@ def main() -> None:
         rows.extend(enc.pair(i) for i in range(len(enc.lengths)))
     t1 = time.perf_counter()
     plan = r.plan_rows(rows)
-    # the passes, dealt round-robin to the forward threads (a pass is what one scorer batch runs on CPU)
+    # the passes, dealt to the forward threads, each to the least-loaded (a pass is what one scorer batch runs on CPU)
     shares = [[rows[i] for i in share] for share in plan.deal(parallel)]
     list(pool.map(r.forward_rows, shares))
     t2 = time.perf_counter()
