@@ -64,6 +64,14 @@ def _on_this_thread(fn, *args, **kwargs) -> tuple:
     return fn(*args, **kwargs), f"{os.getpid()}:{threading.get_native_id()}"
 
 
+def _timed_on_this_thread(fn, *args) -> tuple:
+    """``_on_this_thread`` plus the call's wall and thread-CPU seconds (CPU below wall: the thread waited for a
+    core, or for the GPU)."""
+    w0, c0 = time.perf_counter(), time.thread_time()
+    out, thread = _on_this_thread(fn, *args)
+    return out, thread, time.perf_counter() - w0, time.thread_time() - c0
+
+
 @serve.deployment
 class Scorer:
     """Holds one model; ``score(EncodedPairs)`` joins a token-budget batch shared by concurrent requests.
@@ -92,8 +100,9 @@ class Scorer:
             torch.set_num_threads(self.cfg.cpu_pass_threads)
         self._running = 0  # batches in their forward pass now
         self._pass_threads: dict[int, int] = {}  # torch threads -> batches run with that many (stats)
+        self._forward_totals = {"batches": 0, "pairs": 0, "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0}
         m = self.model_args
-        t0 = time.monotonic()
+        t0 = self._started = time.monotonic()
         # forward passes run on long-lived threads of their own, so the event loop stays free for queueing.
         # The model is loaded on that same thread: torch's OpenMP runtime (libgomp) gives every thread that
         # runs parallel work a team of its own, and once the teams together hold more threads than there are
@@ -198,13 +207,19 @@ class Scorer:
             self._pass_threads[threads] = self._pass_threads.get(threads, 0) + 1
         self._running += 1
         try:
-            logits, thread = await asyncio.get_running_loop().run_in_executor(
-                self._forward_pool, _on_this_thread, with_torch_threads, threads, self.reranker.forward_rows, rows,
-                tiles, plan,
+            logits, thread, wall_s, cpu_s = await asyncio.get_running_loop().run_in_executor(
+                self._forward_pool, _timed_on_this_thread, with_torch_threads, threads, self.reranker.forward_rows,
+                rows, tiles, plan,
             )
         finally:
             self._running -= 1
         self._forward_threads.add(thread)
+        totals = self._forward_totals
+        totals["batches"] += 1
+        totals["pairs"] += len(rows)
+        totals["tokens"] += plan.real_tokens
+        totals["wall_s"] += wall_s
+        totals["cpu_s"] += cpu_s
         forward_ms = (time.monotonic() - start) * 1000
         self.metrics.record_batch(
             len(rows), plan.real_tokens, plan.padded_tokens, forward_ms, [(start - it.enqueued) * 1000 for it in items]
@@ -242,6 +257,10 @@ class Scorer:
             "torch_threads": torch.get_num_threads(),  # per forward pass (on CPU: under load)
             "concurrent_batches": self.concurrent_batches,
             "pass_threads": self.pass_threads,
+            # every batch so far: pairs, real tokens, and the seconds its forward call took on its thread, by the
+            # clock and in that thread's CPU time (torch's own worker threads, when a pass has several, not counted)
+            "forward": {k: round(v, 3) if isinstance(v, float) else v for k, v in self._forward_totals.items()},
+            "uptime_s": round(time.monotonic() - self._started, 3),
             "fused_elementwise": self.fused_elementwise,
             "max_batch_tokens": self.cfg.max_batch_tokens,
             "pid": os.getpid(),

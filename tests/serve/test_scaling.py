@@ -267,6 +267,10 @@ def test_scorer_loads_and_runs_its_model_on_one_thread(service, name):
     assert stats["load_thread"].startswith(f"{stats['pid']}:")
     assert stats["forward_threads"] == [stats["load_thread"]]
     assert stats["concurrent_batches"] == 1  # num_cpus 0.1: one thread, so one pass at a time
+    # forward accounting: this request's batch at least (the warm-up pass is not a batch)
+    fwd = stats["forward"]
+    assert fwd["batches"] >= 1 and fwd["pairs"] >= 2 and fwd["tokens"] > fwd["pairs"]
+    assert 0 < fwd["cpu_s"] <= fwd["wall_s"] + 0.01 and fwd["wall_s"] < stats["uptime_s"]
 
 
 def test_cpu_scorer_with_compile_runs_fused_elementwise_kernels(ray_cluster, tiny_text, text_reranker):
