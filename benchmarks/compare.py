@@ -180,13 +180,18 @@ def service_config(ckpt: Path, port: int, threads: int, out: Path, docs_per_chun
 
 
 def loadgen(url: str, route: str, model: str, args: argparse.Namespace, tag: str) -> dict:
+    """One load generator run; its file (results/loadgen-TAG.json, the latest round) keeps every request's
+    send time and latency, the returned summary leaves them out."""
     out = RESULTS / f"loadgen-{tag}.json"
     cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--route", route, "--model", model,
            "--tokenizer", args.tokenizer, "--docs", str(args.docs), "--doc-tokens", args.doc_tokens,
            "--concurrency", args.concurrency, "--duration", str(args.duration), "--out", str(out),
-           "--max-requests", str(args.max_requests)]
+           "--max-requests", str(args.max_requests), "--trace"]
     subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    for row in res["results"]:
+        row.pop("requests", None)
+    return res
 
 
 def run_ceiling(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict | None = None) -> dict:
@@ -265,6 +270,8 @@ def ratio_table(rounds: list[dict], ceiling: dict | None = None) -> dict:
             row = ratios.setdefault(str(svc["concurrency"]), {"service_pairs_per_s": [], "service_p99_s": []})
             row["service_pairs_per_s"].append(svc["pairs_per_s"])
             row["service_p99_s"].append(svc["p99_s"])
+            if "steady_pairs_per_s" in svc:
+                row.setdefault("service_steady_pairs_per_s", []).append(svc["steady_pairs_per_s"])
             if ceiling is not None:
                 row.setdefault("service_over_ceiling", []).append(
                     round(svc["pairs_per_s"] / ceiling["pairs_per_s"], 3))
@@ -274,6 +281,11 @@ def ratio_table(rounds: list[dict], ceiling: dict | None = None) -> dict:
                 row.setdefault("vllm_p99_s", []).append(v["p99_s"])
                 row.setdefault("service_over_vllm", []).append(round(svc["pairs_per_s"] / max(v["pairs_per_s"], 1e-9), 3))
                 row.setdefault("p99_service_over_vllm", []).append(round(svc["p99_s"] / max(v["p99_s"], 1e-9), 3))
+                if "steady_pairs_per_s" in svc and "steady_pairs_per_s" in v:
+                    # past the ramp-up, before the drain (loadgen.run_cell): less noise from the run's two ends
+                    row.setdefault("vllm_steady_pairs_per_s", []).append(v["steady_pairs_per_s"])
+                    row.setdefault("steady_service_over_vllm", []).append(
+                        round(svc["steady_pairs_per_s"] / max(v["steady_pairs_per_s"], 1e-9), 3))
     for row in ratios.values():
         for key in [k for k in row if k.endswith(("_over_vllm", "_over_ceiling"))]:
             row[key + "_median"] = round(statistics.median(row[key]), 3)

@@ -43,13 +43,22 @@ def body_for(route: str, model: str | None, query: str, docs: list[str]) -> dict
 
 async def run_cell(
     url: str, route: str, model: str | None, requests: list, concurrency: int, duration: float, timeout: float,
-    headers: dict | None = None, transport: httpx.AsyncBaseTransport | None = None,
+    headers: dict | None = None, transport: httpx.AsyncBaseTransport | None = None, trace: bool = False,
 ) -> dict:
+    """Closed loop: ``concurrency`` workers send requests back to back for ``duration`` s (the last ones are
+    waited for). ``trace``: the result also lists every request as [sent (s after the start), latency (s),
+    documents, HTTP status or error name].
+
+    ``pairs_per_s`` counts every pair over the whole run, the ramp-up and the drain (the last requests, with
+    fewer than ``concurrency`` in flight) included; ``steady_pairs_per_s`` counts the pairs of requests that
+    finished in the last three quarters of ``duration`` (full concurrency, past the start)."""
     latencies: list[float] = []
+    finished: list[tuple[float, int]] = []  # (finish time after the start, pairs) of successful requests
+    sent: list[list] = []
     errors: dict[str, int] = {}
     pairs = 0
     next_index = 0
-    stop_at = 0.0
+    stop_at = start = 0.0
     ran_out_at: float | None = None  # when the last generated request was sent, if before the clock ran out
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -66,8 +75,11 @@ async def run_cell(
                 key = str(r.status_code)
             except Exception as e:  # noqa: BLE001 - count every failure kind
                 ok, key = False, type(e).__name__
+            if trace:
+                sent.append([round(t0 - start, 3), round(time.monotonic() - t0, 3), len(docs), key])
             if ok:
                 latencies.append(time.monotonic() - t0)
+                finished.append((time.monotonic() - start, len(docs)))
                 pairs += len(docs)
             else:
                 errors[key] = errors.get(key, 0) + 1
@@ -88,18 +100,22 @@ async def run_cell(
         print(f"warning: all {len(requests)} generated requests were sent {ran_out_at - start:.1f} s into a "
               f"{duration:g}-s run; the rest of the run had fewer than {concurrency} in flight: raise "
               "--max-requests", file=sys.stderr)
-    return {
+    out = {
         "concurrency": concurrency,
         "requests_ok": len(latencies),
         "errors": errors,
         "seconds": round(elapsed, 2),
         "pairs_per_s": round(pairs / elapsed, 2),
         "requests_per_s": round(len(latencies) / elapsed, 3),
+        "steady_pairs_per_s": round(sum(n for t, n in finished if duration / 4 <= t < duration) / (0.75 * duration), 2),
         "p50_s": round(float(np.percentile(lat, 50)), 3),
         "p95_s": round(float(np.percentile(lat, 95)), 3),
         "p99_s": round(float(np.percentile(lat, 99)), 3),
         "ran_out_of_requests": ran_out,
     }
+    if trace:
+        out["requests"] = sorted(sent)
+    return out
 
 
 def plot(results: list[dict], path: str, title: str) -> None:
@@ -145,6 +161,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--trace", action="store_true",
+                    help="list every request in the JSON result: [sent s, latency s, documents, status]")
     args = ap.parse_args()
 
     from rerank_core.tokenization import PromptTokenizer
@@ -156,8 +174,9 @@ def main() -> None:
     rows = []
     for k, c in enumerate(int(x) for x in args.concurrency.split(",")):
         reqs = make_requests(cell, args.max_requests, tok.count_tokens, seed=args.seed * 1000 + k)
-        res = asyncio.run(run_cell(args.url, args.route, args.model, reqs, c, args.duration, args.timeout, headers))
-        print(json.dumps(res), flush=True)
+        res = asyncio.run(run_cell(args.url, args.route, args.model, reqs, c, args.duration, args.timeout, headers,
+                                   trace=args.trace))
+        print(json.dumps({k: v for k, v in res.items() if k != "requests"}), flush=True)
         rows.append(res)
     out = {"url": args.url, "route": args.route, "cell": asdict(cell), "duration_s": args.duration, "results": rows}
     if args.out:

@@ -44,6 +44,17 @@ def test_odd_rounds_ceiling_and_service_only_rounds():
     assert alone == {"service_pairs_per_s": [5.0], "service_p99_s": [1.0]}
 
 
+def test_steady_throughput_ratios_when_both_sides_report_them():
+    rounds = [_round([(16, 30.0, 9.0)], [(16, 25.0, 9.0)]), _round([(16, 24.0, 9.0)], [(16, 30.0, 9.0)])]
+    for rnd, (svc, vllm) in zip(rounds, [(33.0, 30.0), (27.0, 30.0)]):
+        rnd["service"]["results"][0]["steady_pairs_per_s"] = svc
+        rnd["vllm"]["results"][0]["steady_pairs_per_s"] = vllm
+    row = compare.ratio_table(rounds)["16"]
+    assert row["service_steady_pairs_per_s"] == [33.0, 27.0] and row["vllm_steady_pairs_per_s"] == [30.0, 30.0]
+    assert row["steady_service_over_vllm"] == [1.1, 0.9] and row["steady_service_over_vllm_median"] == 1.0
+    assert row["service_over_vllm"] == [1.2, 0.8]  # the whole-run ratio is kept beside it
+
+
 def test_service_config_applies_scorer_overrides_and_validates(tmp_path):
     """--scorer k=v,... reaches the text scorer of the benchmark's serve config, which the app accepts."""
     import yaml

@@ -49,3 +49,26 @@ def test_a_full_run_counts_pairs_and_errors():
     assert res["ran_out_of_requests"] is False
     assert res["requests_ok"] > 0 and res["errors"].get("503", 0) > 0
     assert res["pairs_per_s"] * res["seconds"] == pytest.approx(3 * res["requests_ok"], rel=1e-2)
+
+
+def test_trace_lists_every_request_with_its_status():
+    res = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(12), concurrency=3,
+                                       duration=5.0, timeout=5.0, transport=_transport(fail_every=4), trace=True))
+    rows = res["requests"]
+    assert len(rows) == 12 == res["requests_ok"] + sum(res["errors"].values())
+    assert [r[3] for r in rows].count("503") == 3
+    assert all(r[2] == 3 and r[1] >= 0.01 for r in rows)  # documents, and at least the handler's sleep
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows) and rows[0][0] >= 0
+    untraced = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(3), concurrency=1,
+                                            duration=5.0, timeout=5.0, transport=_transport()))
+    assert "requests" not in untraced
+
+
+def test_steady_throughput_counts_only_the_window_at_full_concurrency():
+    # 3 pairs per request, 0.01 s each, 2 workers: about 600 pairs/s whatever the window
+    res = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(100_000), concurrency=2,
+                                       duration=0.8, timeout=5.0, transport=_transport(), trace=True))
+    in_window = sum(d for t, lat, d, k in res["requests"] if 0.2 <= t + lat < 0.8)
+    assert res["steady_pairs_per_s"] == pytest.approx(in_window / 0.6, rel=0.05)
+    assert res["steady_pairs_per_s"] > 0
+    assert res["steady_pairs_per_s"] >= 0.5 * res["pairs_per_s"]
