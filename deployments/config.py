@@ -150,8 +150,10 @@ class ScorerArgs(DeploymentArgs):
         "torch_threads / cpu_threads_per_pass passes at once, each on a thread of its own (and so that many "
         "batches: at least max_concurrent_batches). With 1, a pass never waits at a barrier for a thread whose "
         "core another process took: on a 2-core machine under load, two 1-thread passes scored 10-20% more "
-        "pairs/s than one 2-thread pass (benchmarks/README.md). A batch that starts while nothing else runs or "
-        "waits uses all torch_threads, so a lone request is not slowed down.",
+        "pairs/s than one 2-thread pass (benchmarks/README.md). A text batch of several attention groups is "
+        "split into equal shares, one per such thread, so batches finish in arrival order, each in a fraction of "
+        "the time; a batch that cannot be split and starts while nothing else runs or waits uses all "
+        "torch_threads, so a lone request is not slowed down.",
     )
     compile: bool = Field(
         False,

@@ -144,8 +144,9 @@ def test_metrics_are_exported(service, ray_cluster):
     assert 'route="/v1/rerank"' in line or "route=" in line
 
 
-def _score_chunks_at_once(tiny_text, scorer_cfg: dict, n_chunks: int, wrap) -> tuple:
-    """A CPU Scorer (in this process) with ``scorer_cfg``; ``n_chunks`` ~120-token chunks submitted at once,
+def _score_chunks_at_once(tiny_text, scorer_cfg: dict, n_chunks: int, wrap, docs: int = 1) -> tuple:
+    """A CPU Scorer (in this process) with ``scorer_cfg``; ``n_chunks`` chunks of ``docs`` ~120-token pairs
+    submitted at once,
     with ``wrap(forward_rows)`` standing in for the reranker's forward. -> (scorer, results, logits alone).
     The scorer sets torch's thread count for the process: it is restored afterwards."""
     import asyncio
@@ -159,8 +160,11 @@ def _score_chunks_at_once(tiny_text, scorer_cfg: dict, n_chunks: int, wrap) -> t
     s = Scorer.func_or_class(model, {"num_cpus": 0.1, **scorer_cfg}, False)
     try:
         passage = "protein intake " * 50
-        encs = [s.reranker.encode(f"query {i}", [f"passage {i} {passage}"]) for i in range(n_chunks)]
-        assert all(100 <= e.total_tokens <= 128 for e in encs), [e.total_tokens for e in encs]
+        # the first document of chunk i is f"passage {i} {passage}" (tests score it again on their own)
+        texts = [[f"passage {i} {passage}"] + [f"passage {i}.{k} {passage}" for k in range(1, docs)]
+                 for i in range(n_chunks)]
+        encs = [s.reranker.encode(f"query {i}", texts[i]) for i in range(n_chunks)]
+        assert all(100 * docs <= e.total_tokens <= 128 * docs for e in encs), [e.total_tokens for e in encs]
         alone = [s.reranker.finalize(e, s.reranker.forward_encoded(e)) for e in encs]
         s.reranker.forward_rows = wrap(s.reranker.forward_rows)
 
@@ -253,6 +257,33 @@ def test_cpu_scorer_gives_a_lone_batch_every_thread(ray_cluster, tiny_text):
     cfg = {"torch_threads": 2, "max_batch_tokens": 512, "cpu_forward_tokens": 512}
     s, got, alone = _score_chunks_at_once(tiny_text, cfg, 1, wrap)
     assert seen == [2] and s.pass_threads == {"2": 1}
+    np.testing.assert_allclose(got[0].logits, alone[0], atol=1e-5, rtol=0)
+
+
+def test_cpu_scorer_splits_a_batch_over_its_forward_threads(ray_cluster, tiny_text):
+    """A batch of several attention groups (here one chunk of 4 pairs, 2 per group): its groups run side by
+    side on the two forward threads, one torch thread each (not one two-thread call), and its logits equal
+    those scored alone."""
+    import threading
+
+    import torch
+
+    calls: list[tuple[int, int, int]] = []  # (torch threads, pairs, thread id)
+
+    def wrap(forward):
+        def recording(rows, *a, **k):
+            calls.append((torch.get_num_threads(), len(rows), threading.get_ident()))
+            out = forward(rows, *a, **k)
+            time.sleep(0.2)  # keep this thread busy: the other pass must go to the other forward thread
+            return out
+
+        return recording
+
+    cfg = {"torch_threads": 2, "max_batch_tokens": 1024, "cpu_forward_tokens": 256}
+    s, got, alone = _score_chunks_at_once(tiny_text, cfg, 1, wrap, docs=4)
+    assert len(calls) == 2 and {c[0] for c in calls} == {1}, calls
+    assert sum(c[1] for c in calls) == 4 and len({c[2] for c in calls}) == 2, calls
+    assert s.pass_threads == {"1": 2}
     np.testing.assert_allclose(got[0].logits, alone[0], atol=1e-5, rtol=0)
 
 
