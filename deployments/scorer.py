@@ -101,7 +101,7 @@ class Scorer:
             self._cpu_threads = (self.cfg.cpu_threads, self.cfg.cpu_pass_threads)
             torch.set_num_threads(self.cfg.cpu_pass_threads)
         self._running = 0  # batches in their forward pass now
-        self._pass_threads: dict[int, int] = {}  # torch threads -> batches run with that many (stats)
+        self._pass_threads: dict[int, int] = {}  # torch threads -> forward calls run with that many (stats)
         self._forward_totals = {"batches": 0, "pairs": 0, "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0}
         m = self.model_args
         t0 = self._started = time.monotonic()
@@ -202,7 +202,8 @@ class Scorer:
                 tiles.append(it.enc.pair_tiles(p))
                 owners.append(k)
         plan = self.reranker.plan_rows(rows, tiles)
-        # (row indices, torch threads) of each forward call: one call on CPU under load or on GPU
+        # (row indices or None for all rows, torch threads or None to leave them) of each forward call: one call
+        # with every row, unless a CPU text batch is split over the forward threads
         calls: list[tuple[list[int] | None, int | None]] = [(None, None)]
         if self._cpu_threads is not None:
             every, one = self._cpu_threads
