@@ -75,11 +75,12 @@ async def run_cell(
                 key = str(r.status_code)
             except Exception as e:  # noqa: BLE001 - count every failure kind
                 ok, key = False, type(e).__name__
+            done = time.monotonic()
             if trace:
-                sent.append([round(t0 - start, 3), round(time.monotonic() - t0, 3), len(docs), key])
+                sent.append([round(t0 - start, 3), round(done - t0, 3), len(docs), key])
             if ok:
-                latencies.append(time.monotonic() - t0)
-                finished.append((time.monotonic() - start, len(docs)))
+                latencies.append(done - t0)
+                finished.append((done - start, len(docs)))
                 pairs += len(docs)
             else:
                 errors[key] = errors.get(key, 0) + 1

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from rerank_core.batching import PackPlan
 from rerank_core.errors import CheckpointError, RerankError
 from rerank_core.reranker import sigmoid, with_torch_threads
 
@@ -267,10 +268,7 @@ class RerankBatchScorer:
         outs = self._pool.map(
             lambda idx: with_torch_threads(self._pass_threads, r.forward_rows, [rows[i] for i in idx]), shares
         )
-        logits = np.empty(len(rows), dtype=np.float32)
-        for idx, out in zip(shares, outs, strict=True):
-            logits[idx] = out
-        return logits
+        return PackPlan.merge(len(rows), shares, list(outs))
 
     def _encode(self, query: str, docs: list[Any]):
         return self.reranker.encode(

@@ -82,7 +82,7 @@ class Scorer:
     its own); the batch is then packed by ``rerank_core.batching.pack``, longest first, into forward
     passes of at most ``max_batch_tokens`` tokens (real tokens for the text model, which packs pairs without
     padding; padded tokens for the VL model). On CPU a text batch's attention groups are dealt to the forward
-    threads in equal shares (``PackPlan.deal``), each run as one-thread passes.
+    threads in equal shares (``PackPlan.deal(by_batch=True)``), each run as one-thread passes.
     """
 
     def __init__(self, model: dict, scorer: dict, use_gpu: bool):
@@ -208,7 +208,7 @@ class Scorer:
         if self._cpu_threads is not None:
             every, one = self._cpu_threads
             alone = self._running == 0 and not self._queued()
-            shares = [] if plan.passes is None else PackPlan(plan.batches, plan.n).deal(every // one)
+            shares = [] if plan.passes is None else plan.deal(every // one, by_batch=True)
             if len(shares) > 1:
                 # a packed batch is split by attention group into equal shares, one per forward thread, each
                 # run as one-thread passes: every thread works on the oldest batch, so batches finish in arrival
@@ -235,9 +235,7 @@ class Scorer:
         if calls[0][0] is None:
             logits = done[0][0]
         else:
-            logits = np.empty(len(rows), dtype=np.float32)
-            for (share, _), (part, *_) in zip(calls, done):
-                logits[share] = part
+            logits = PackPlan.merge(len(rows), [share for share, _ in calls], [d[0] for d in done])
         totals = self._forward_totals
         totals["batches"] += 1
         totals["pairs"] += len(rows)
@@ -270,8 +268,8 @@ class Scorer:
 
     @property
     def pass_threads(self) -> dict[str, int]:
-        """CPU: forward calls so far, by torch threads per pass: all of them for a one-pass batch that found the
-        replica idle; a lone batch of several passes makes one one-thread call per forward thread."""
+        """CPU: forward calls so far, by torch threads per pass: a batch split over the forward threads makes one
+        one-thread call per share; one that cannot be split gets all of them if it found the replica idle."""
         return {str(k): v for k, v in sorted(self._pass_threads.items())}
 
     def ready(self) -> bool:
@@ -284,8 +282,9 @@ class Scorer:
             "torch_threads": torch.get_num_threads(),  # per forward pass (on CPU: under load)
             "concurrent_batches": self.concurrent_batches,
             "pass_threads": self.pass_threads,
-            # every batch so far: pairs, real tokens, and the seconds its forward call took on its thread, by the
-            # clock and in that thread's CPU time (torch's own worker threads, when a pass has several, not counted)
+            # every batch so far: pairs, real tokens, and the seconds its forward calls took on their threads, by
+            # the clock and in those threads' CPU time (torch's own worker threads, when a pass has several, not
+            # counted)
             "forward": {k: round(v, 3) if isinstance(v, float) else v for k, v in self._forward_totals.items()},
             "uptime_s": round(time.monotonic() - self._started, 3),
             "fused_elementwise": self.fused_elementwise,

@@ -55,12 +55,15 @@ class PackPlan:
         """Padded tokens over real tokens (1.0 = no padding)."""
         return self.padded_tokens / max(1, self.real_tokens)
 
-    def deal(self, workers: int) -> list[list[int]]:
+    def deal(self, workers: int, by_batch: bool = False) -> list[list[int]]:
         """Row indices for ``workers`` forward threads that run passes side by side: the passes (each
-        micro-batch on its own when there are none), in planned order, each to the thread with the fewest
-        tokens so far (the first ``workers`` passes to threads 0, 1, ...). Threads left without a pass are
-        dropped, so fewer lists may come back."""
-        groups = self.passes if self.passes is not None else tuple((k,) for k in range(len(self.batches)))
+        micro-batch on its own when there are none, or with ``by_batch``), in planned order, each to the thread
+        with the fewest tokens so far (the first ``workers`` units to threads 0, 1, ...). Threads left without
+        a pass are dropped, so fewer lists may come back."""
+        if self.passes is not None and not by_batch:
+            groups = self.passes
+        else:
+            groups = tuple((k,) for k in range(len(self.batches)))
         n = max(1, workers)
         shares: list[list[int]] = [[] for _ in range(n)]
         load = [0] * n
@@ -69,6 +72,15 @@ class PackPlan:
             shares[w].extend(i for k in p for i in self.batches[k].indices)
             load[w] += sum(self.batches[k].padded_tokens for k in p)
         return [s for s in shares if s]
+
+    @staticmethod
+    def merge(n: int, shares: Sequence[Sequence[int]], parts: Sequence[Sequence[float]]) -> np.ndarray:
+        """Outputs of the shares ``deal`` gave (each in its share's row order) -> one float32 array of ``n``
+        in input order."""
+        out = np.empty(n, dtype=np.float32)
+        for idx, values in zip(shares, parts, strict=True):
+            out[list(idx)] = values
+        return out
 
     def scatter(self, per_batch: Sequence[Sequence[float]]) -> np.ndarray:
         """Per-micro-batch outputs (in each batch's index order) -> one float32 array in input order."""

@@ -101,3 +101,18 @@ def test_deal_hands_passes_to_the_least_loaded_forward_thread():
     padded = pack(lengths, 600)  # no passes: each micro-batch is one
     assert sorted(i for s in padded.deal(3) for i in s) == list(range(len(lengths)))
     assert len(padded.deal(3)) == min(3, len(padded.batches))
+
+
+def test_deal_by_batch_hands_out_micro_batches_and_merge_puts_outputs_back():
+    from rerank_core.batching import PackPlan, pack_varlen
+
+    lengths = [300, 40, 250, 90, 500, 60, 120, 30, 410, 75]
+    plan = pack_varlen(lengths, 4096, 256)  # one pass of several attention groups
+    assert len(plan.passes) == 1 and len(plan.batches) > 2
+    assert plan.deal(2) == [[i for b in plan.batches for i in b.indices]]  # by pass: a single share
+    shares = plan.deal(2, by_batch=True)
+    assert len(shares) == 2 and sorted(i for s in shares for i in s) == list(range(len(lengths)))
+    padded = [sum(b.padded_tokens for b in plan.batches if b.indices[0] in s) for s in shares]
+    assert abs(padded[0] - padded[1]) <= max(b.padded_tokens for b in plan.batches)  # balanced within a group
+    parts = [[float(lengths[i]) for i in s] for s in shares]
+    assert PackPlan.merge(len(lengths), shares, parts).tolist() == [float(x) for x in lengths]
