@@ -30,7 +30,9 @@ from loadgen import make_requests  # noqa: E402
 from deployments.config import ScorerArgs  # noqa: E402
 from rerank_core import load_reranker  # noqa: E402
 
-CPU_PASS_TOKENS = ScorerArgs.model_fields["cpu_forward_tokens"].default
+# a CPU text scorer's forward passes: its threads' shares of a batch, cpu_thread_tokens at most
+CPU_PASS_TOKENS = min(ScorerArgs.model_fields["cpu_forward_tokens"].default,
+                      ScorerArgs.model_fields["cpu_thread_tokens"].default)
 THREADS_PER_PASS = ScorerArgs.model_fields["cpu_threads_per_pass"].default
 
 

@@ -107,7 +107,16 @@ class ScorerArgs(DeploymentArgs):
         description="On CPU, split each batch into forward passes of at most this many tokens "
         "(smaller passes stay in cache: about 25% more tokens/s than 16k-token passes on a 2-core AVX2 "
         "machine). VL batches still gather up to max_batch_tokens, so the length sort stays tight; a text model's "
-        "CPU batch is one pass (its pairs are packed without padding, and results return sooner).",
+        "CPU batch holds at most this many tokens (its pairs are packed without padding, and results return "
+        "sooner), split into one share per forward thread, each run as passes of at most cpu_thread_tokens.",
+    )
+    cpu_thread_tokens: int = Field(
+        2048,
+        ge=16,
+        description="On CPU, text model: the most tokens in one forward pass. A batch (up to cpu_forward_tokens) is "
+        "split into shares, one per forward thread, and each share runs as passes of at most this many tokens "
+        "(a pair longer than that runs alone). Smaller passes stay in cache: in process on one thread, 1024- and "
+        "2048-token passes scored 3-7% more tokens per CPU-second than 4096-token ones (benchmarks/README.md).",
     )
     attention_group_tokens: int | None = Field(
         None,

@@ -144,10 +144,11 @@ def test_metrics_are_exported(service, ray_cluster):
     assert 'route="/v1/rerank"' in line or "route=" in line
 
 
-def _score_chunks_at_once(tiny_text, scorer_cfg: dict, n_chunks: int, wrap, docs: int = 1) -> tuple:
+def _score_chunks_at_once(tiny_text, scorer_cfg: dict, n_chunks: int, wrap, docs: int = 1, wrap_pass=None) -> tuple:
     """A CPU Scorer (in this process) with ``scorer_cfg``; ``n_chunks`` chunks of ``docs`` ~120-token pairs
     submitted at once,
-    with ``wrap(forward_rows)`` standing in for the reranker's forward. -> (scorer, results, logits alone).
+    with ``wrap(forward_rows)`` standing in for the reranker's forward (and ``wrap_pass(_forward_pass)`` for
+    its packed passes, when given). -> (scorer, results, logits alone).
     The scorer sets torch's thread count for the process: it is restored afterwards."""
     import asyncio
 
@@ -167,6 +168,8 @@ def _score_chunks_at_once(tiny_text, scorer_cfg: dict, n_chunks: int, wrap, docs
         assert all(100 * docs <= e.total_tokens <= 128 * docs for e in encs), [e.total_tokens for e in encs]
         alone = [s.reranker.finalize(e, s.reranker.forward_encoded(e)) for e in encs]
         s.reranker.forward_rows = wrap(s.reranker.forward_rows)
+        if wrap_pass is not None:
+            s.reranker._forward_pass = wrap_pass(s.reranker._forward_pass)
 
         async def all_at_once():
             return await asyncio.gather(*(s.score(e) for e in encs))
@@ -284,6 +287,39 @@ def test_cpu_scorer_splits_a_batch_over_its_forward_threads(ray_cluster, tiny_te
     assert len(calls) == 2 and {c[0] for c in calls} == {1}, calls
     assert sum(c[1] for c in calls) == 4 and len({c[2] for c in calls}) == 2, calls
     assert s.pass_threads == {"1": 2}
+    np.testing.assert_allclose(got[0].logits, alone[0], atol=1e-5, rtol=0)
+
+
+def test_cpu_scorer_runs_each_share_as_passes_of_cpu_thread_tokens(ray_cluster, tiny_text):
+    """cpu_thread_tokens 128, attention groups of one ~120-token pair: a chunk of 4 pairs is split into two
+    shares, one per forward thread, and each share runs as two one-pair passes; logits equal those scored
+    alone."""
+    import threading
+
+    calls: list[int] = []  # forward thread of each share
+    passes: list[int] = []  # tokens of each pass
+
+    def wrap(forward):
+        def recording(rows, *a, **k):
+            calls.append(threading.get_ident())
+            out = forward(rows, *a, **k)
+            time.sleep(0.2)  # keep this thread busy: the other share must go to the other forward thread
+            return out
+
+        return recording
+
+    def wrap_pass(forward_pass):
+        def recording(groups):
+            passes.append(sum(len(r) for g in groups for r in g))
+            return forward_pass(groups)
+
+        return recording
+
+    cfg = {"torch_threads": 2, "cpu_thread_tokens": 128, "attention_group_tokens": 128}
+    s, got, alone = _score_chunks_at_once(tiny_text, cfg, 1, wrap, docs=4, wrap_pass=wrap_pass)
+    assert s.reranker.max_batch_tokens == 128
+    assert len(calls) == 2 and len(set(calls)) == 2, calls
+    assert len(passes) == 4 and all(100 <= n <= 128 for n in passes), passes
     np.testing.assert_allclose(got[0].logits, alone[0], atol=1e-5, rtol=0)
 
 
