@@ -115,8 +115,9 @@ class ScorerArgs(DeploymentArgs):
         ge=16,
         description="On CPU, text model: the most tokens in one forward pass. A batch (up to cpu_forward_tokens) is "
         "split into shares, one per forward thread, and each share runs as passes of at most this many tokens "
-        "(a pair longer than that runs alone). Smaller passes stay in cache: in process on one thread, 1024- and "
-        "2048-token passes scored 3-7% more tokens per CPU-second than 4096-token ones (benchmarks/README.md).",
+        "(a pair longer than that runs alone). Smaller passes stay in cache: with two one-thread passes side by "
+        "side on a 2-core machine, 2048-token passes scored 5.7% (64-512-token pairs) and 8% (128-1024) more "
+        "pairs/s than 4096-token ones, and 1024 about as much as 2048 (benchmarks/README.md, stop 22).",
     )
     attention_group_tokens: int | None = Field(
         None,
