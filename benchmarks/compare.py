@@ -196,15 +196,19 @@ def loadgen(url: str, route: str, model: str, args: argparse.Namespace, tag: str
 
 def run_ceiling(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict | None = None) -> dict:
     """The ceiling with the scorer's threads, passes and kernels (``--scorer cpu_threads_per_pass=N``,
-    ``cpu_forward_tokens=N`` and ``compile=true`` apply to both)."""
+    ``cpu_forward_tokens=N``, ``cpu_thread_tokens=N`` and ``compile=true`` apply to both)."""
     cmd = [sys.executable, str(HERE / "ceiling.py"), "--checkpoint", str(ckpt), "--tokenizer", args.tokenizer,
            "--docs", str(args.docs), "--doc-tokens", args.doc_tokens, "--threads", str(args.threads),
            "--requests", str(args.ceiling_requests)]
     overrides = scorer_overrides or {}
     if "cpu_threads_per_pass" in overrides:
         cmd += ["--threads-per-pass", str(overrides["cpu_threads_per_pass"])]
-    if "cpu_forward_tokens" in overrides:
-        cmd += ["--max-batch-tokens", str(overrides["cpu_forward_tokens"])]
+    if "cpu_forward_tokens" in overrides or "cpu_thread_tokens" in overrides:
+        from deployments.config import ScorerArgs
+
+        fields = ScorerArgs.model_fields  # the scorer's passes: its threads' shares, cpu_thread_tokens at most
+        passes = min(int(overrides.get(k, fields[k].default)) for k in ("cpu_forward_tokens", "cpu_thread_tokens"))
+        cmd += ["--max-batch-tokens", str(passes)]
     if overrides.get("compile"):
         cmd += ["--compile"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -201,7 +201,7 @@ class RerankBatchScorer:
         max_batch_tiles: int | None = None,
         torch_threads: int | None = None,
         threads_per_pass: int = 1,
-        cpu_forward_tokens: int = 4096,
+        cpu_forward_tokens: int = 2048,
         model_kwargs: dict[str, Any] | None = None,
     ):
         import functools
@@ -235,8 +235,9 @@ class RerankBatchScorer:
             # and wake more (benchmarks/README.md, stop 18)
             self._pool = concurrent.futures.ThreadPoolExecutor(self._parallel, thread_name_prefix="forward")
             self.reranker = self._pool.submit(with_torch_threads, self._pass_threads, load).result()
-            # CPU passes as a CPU scorer runs them: 4096 tokens were as fast as 2048 and faster than 8192, and
-            # more passes than threads keep the threads evenly loaded
+            # CPU passes as a CPU scorer's threads run them (cpu_thread_tokens): at 64-512-token pairs 2048-token
+            # passes scored 10% more pairs/s than 4096 (benchmarks/batch.py, stop 22; at 24-72-token pairs, stop 19,
+            # they were level), and more passes than threads keep the threads evenly loaded
             self.reranker.max_batch_tokens = min(int(max_batch_tokens), int(cpu_forward_tokens))
         else:
             self.reranker = load()

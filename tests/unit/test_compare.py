@@ -79,8 +79,8 @@ def test_service_config_applies_scorer_overrides_and_validates(tmp_path):
 
 
 def test_ceiling_runs_with_the_scorers_threads_per_pass_and_pass_size(tmp_path, monkeypatch):
-    """--scorer cpu_threads_per_pass / cpu_forward_tokens / compile change the ceiling's passes as they do the
-    scorer's."""
+    """--scorer cpu_threads_per_pass / cpu_forward_tokens / cpu_thread_tokens / compile change the ceiling's
+    passes as they do the scorer's."""
     import argparse
     import types
 
@@ -100,3 +100,8 @@ def test_ceiling_runs_with_the_scorers_threads_per_pass_and_pass_size(tmp_path, 
     assert cmd[cmd.index("--threads-per-pass") + 1] == "2" and cmd[cmd.index("--max-batch-tokens") + 1] == "2048"
     assert "--compile" in cmd
     assert cmd[cmd.index("--threads") + 1] == "2"
+    # the scorer's passes are its threads' shares: the smaller of cpu_forward_tokens and cpu_thread_tokens
+    for overrides, want in [({"cpu_thread_tokens": 4096}, "4096"), ({"cpu_forward_tokens": 1024}, "1024"),
+                            ({"cpu_forward_tokens": 8192, "cpu_thread_tokens": 3000}, "3000")]:
+        compare.run_ceiling(tmp_path, args, overrides)
+        assert calls[-1][calls[-1].index("--max-batch-tokens") + 1] == want, overrides
