@@ -176,13 +176,14 @@ class Scorer:
         self._warm_up()
         self._ready = True
         log.info(
-            "scorer for %s ready on %s (%s) in %.1f s; batch budget %d tokens; %d batch(es) at once, %d torch "
-            "thread(s) each",
+            "scorer for %s ready on %s (%s) in %.1f s; batch budget %d tokens, passes of at most %d; %d batch(es) "
+            "at once, %d torch thread(s) each",
             m.id,
             device,
             str(self.reranker.dtype).replace("torch.", ""),
             time.monotonic() - t0,
-            self.cfg.max_batch_tokens,
+            batch_tokens,
+            self.reranker.max_batch_tokens,
             self.concurrent_batches,
             torch.get_num_threads(),
         )
