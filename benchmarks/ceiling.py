@@ -30,9 +30,7 @@ from loadgen import make_requests  # noqa: E402
 from deployments.config import ScorerArgs  # noqa: E402
 from rerank_core import load_reranker  # noqa: E402
 
-# a CPU text scorer's forward passes: its threads' shares of a batch, cpu_thread_tokens at most
-CPU_PASS_TOKENS = min(ScorerArgs.model_fields["cpu_forward_tokens"].default,
-                      ScorerArgs.model_fields["cpu_thread_tokens"].default)
+CPU_PASS_TOKENS = ScorerArgs().cpu_text_pass_tokens  # a CPU text scorer's forward passes
 THREADS_PER_PASS = ScorerArgs.model_fields["cpu_threads_per_pass"].default
 
 
@@ -48,7 +46,7 @@ def main() -> None:
     ap.add_argument("--threads-per-pass", type=int, default=THREADS_PER_PASS,
                     help="torch threads per forward pass (default: the CPU scorer's cpu_threads_per_pass)")
     ap.add_argument("--max-batch-tokens", type=int, default=CPU_PASS_TOKENS,
-                    help="tokens per forward pass (default: the CPU scorer's cpu_forward_tokens)")
+                    help="tokens per forward pass (default: the CPU text scorer's, %(default)s)")
     ap.add_argument("--compile", action="store_true",
                     help="fused elementwise kernels, as a CPU scorer with compile: true (Reranker.fuse_elementwise)")
     ap.add_argument("--dtype", default=None)

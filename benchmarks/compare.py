@@ -206,9 +206,8 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict | N
     if "cpu_forward_tokens" in overrides or "cpu_thread_tokens" in overrides:
         from deployments.config import ScorerArgs
 
-        fields = ScorerArgs.model_fields  # the scorer's passes: its threads' shares, cpu_thread_tokens at most
-        passes = min(int(overrides.get(k, fields[k].default)) for k in ("cpu_forward_tokens", "cpu_thread_tokens"))
-        cmd += ["--max-batch-tokens", str(passes)]
+        sizes = {k: int(overrides[k]) for k in ("cpu_forward_tokens", "cpu_thread_tokens") if k in overrides}
+        cmd += ["--max-batch-tokens", str(ScorerArgs(**sizes).cpu_text_pass_tokens)]
     if overrides.get("compile"):
         cmd += ["--compile"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

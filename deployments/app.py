@@ -106,7 +106,7 @@ def scorer_defaults(s: ScorerArgs, use_gpu: bool = True) -> tuple[int, float]:
     units = max(1, s.max_batch_tokens // s.batch_token_unit)
     concurrent = s.concurrent_batches(use_gpu)
     max_ongoing = units * concurrent * 2
-    batch_units = units if use_gpu else max(1, s.cpu_pass_tokens // s.batch_token_unit)
+    batch_units = units if use_gpu else max(1, s.cpu_batch_tokens // s.batch_token_unit)
     target = max(1.0, batch_units * concurrent / 4)
     return max_ongoing, target
 

@@ -195,9 +195,15 @@ class ScorerArgs(DeploymentArgs):
         return self.max_concurrent_batches if use_gpu else self.cpu_parallel_passes
 
     @property
-    def cpu_pass_tokens(self) -> int:
-        """Tokens per forward pass on CPU (and so per text batch there): the smaller of the two budgets."""
+    def cpu_batch_tokens(self) -> int:
+        """Tokens per text batch on CPU: the smaller of max_batch_tokens and cpu_forward_tokens."""
         return min(self.max_batch_tokens, self.cpu_forward_tokens)
+
+    @property
+    def cpu_text_pass_tokens(self) -> int:
+        """Tokens per forward pass of a CPU text scorer: a batch's share on one forward thread, run as passes of
+        at most cpu_thread_tokens."""
+        return min(self.cpu_batch_tokens, self.cpu_thread_tokens)
 
 
 class ModelArgs(_Strict):

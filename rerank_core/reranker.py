@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .batching import PackPlan, pack, pack_varlen, pad_ids
+from .batching import PackPlan, pack_varlen, pad_ids
 from .checkpoint import load_state_dict_strict, resolve_source
 from .config import CheckpointInfo, read_checkpoint_config
 from .errors import InvalidInput
