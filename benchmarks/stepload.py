@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import yaml
@@ -103,8 +104,10 @@ async def run_load(url: str, steps: list[tuple[int, float]], fresh: FreshRequest
                    records: list, t0: float, bounds: list) -> None:
     """Closed loop: during each step, ``c`` workers send requests back to back. A step ends once its last
     request has returned (so it can run over); its real (start, end) goes to ``bounds``."""
-    limits = httpx.Limits(max_connections=max(c for c, _ in steps) + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    # aiohttp, one kept-alive connection per worker: ~0.1 ms of client CPU per request (httpx: 1.2-2.7 ms)
+    connector = aiohttp.TCPConnector(limit=max(c for c, _ in steps) + 1)
+    async with aiohttp.ClientSession(base_url=url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
         for k, (conc, seconds) in enumerate(steps):
             step_start = time.monotonic()
             step_end = step_start + seconds
@@ -114,8 +117,9 @@ async def run_load(url: str, steps: list[tuple[int, float]], fresh: FreshRequest
                     query, docs = fresh.next()
                     t = time.monotonic()
                     try:
-                        r = await client.post("/v1/rerank", json=body_for("/v1/rerank", None, query, docs))
-                        status = r.status_code
+                        async with session.post("/v1/rerank", json=body_for("/v1/rerank", None, query, docs)) as r:
+                            await r.read()
+                            status = r.status
                     except Exception as e:  # noqa: BLE001 - every failure counts
                         status = type(e).__name__
                     records.append({"step": k, "start": t - t0, "end": time.monotonic() - t0,

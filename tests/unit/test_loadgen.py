@@ -1,5 +1,6 @@
 """benchmarks/loadgen.py's accounting: pairs, latencies and errors counted, and a run that runs out of
-generated requests before its duration says so instead of silently reporting a shorter, thinner run."""
+generated requests before its duration says so instead of silently reporting a shorter, thinner run. The load
+goes over real HTTP to a small aiohttp server on a free local port."""
 
 from __future__ import annotations
 
@@ -8,26 +9,48 @@ import json
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import loadgen  # noqa: E402
 
 
-def _transport(fail_every: int = 0) -> httpx.MockTransport:
+def _run(requests: list, concurrency: int, duration: float, fail_every: int = 0, trace: bool = False) -> dict:
+    """loadgen.run_cell against a rerank-shaped server (0.01 s per request; every ``fail_every``-th answers 503)
+    that counts the requests after the warm-up one (two documents) and checks each body."""
     seen = {"n": 0}
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
+    async def handler(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        assert request.headers["Content-Type"] == "application/json" and body["model"] == "m"
+        if len(body["documents"]) == 2 and body["query"] == requests[-1][0]:
+            return web.json_response({"results": []})  # the warm-up request, outside the clock
         seen["n"] += 1
+        k = seen["n"]
         await asyncio.sleep(0.01)
-        if fail_every and seen["n"] % fail_every == 0:
-            return httpx.Response(503, json={"error": "busy"})
-        return httpx.Response(200, json={"results": [{"index": i} for i in range(len(body["documents"]))]})
+        if fail_every and k % fail_every == 0:
+            return web.json_response({"error": "busy"}, status=503)
+        return web.json_response({"results": [{"index": i} for i in range(len(body["documents"]))]})
 
-    return httpx.MockTransport(handler)
+    async def main() -> dict:
+        app = web.Application()
+        app.router.add_post("/v1/rerank", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await loadgen.run_cell(f"http://127.0.0.1:{port}", "/v1/rerank", "m", requests, concurrency,
+                                          duration, timeout=5.0, trace=trace)
+        finally:
+            await runner.cleanup()
+
+    res = asyncio.run(main())
+    assert seen["n"] == res["requests_ok"] + sum(res["errors"].values())  # the server saw every counted request
+    return res
 
 
 def _requests(n: int, docs: int = 3) -> list[tuple[str, list[str]]]:
@@ -35,8 +58,7 @@ def _requests(n: int, docs: int = 3) -> list[tuple[str, list[str]]]:
 
 
 def test_a_run_that_runs_out_of_requests_says_so(capsys):
-    res = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(5), concurrency=2,
-                                       duration=5.0, timeout=5.0, transport=_transport()))
+    res = _run(_requests(5), concurrency=2, duration=5.0)
     assert res["ran_out_of_requests"] is True
     assert res["requests_ok"] == 5 and res["errors"] == {}
     assert res["seconds"] < 5.0  # ended early: the requests ran out, not the clock
@@ -44,30 +66,26 @@ def test_a_run_that_runs_out_of_requests_says_so(capsys):
 
 
 def test_a_full_run_counts_pairs_and_errors():
-    res = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(10_000), concurrency=4,
-                                       duration=0.5, timeout=5.0, transport=_transport(fail_every=4)))
+    res = _run(_requests(10_000), concurrency=4, duration=0.5, fail_every=4)
     assert res["ran_out_of_requests"] is False
     assert res["requests_ok"] > 0 and res["errors"].get("503", 0) > 0
     assert res["pairs_per_s"] * res["seconds"] == pytest.approx(3 * res["requests_ok"], rel=1e-2)
 
 
 def test_trace_lists_every_request_with_its_status():
-    res = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(12), concurrency=3,
-                                       duration=5.0, timeout=5.0, transport=_transport(fail_every=4), trace=True))
+    res = _run(_requests(12), concurrency=3, duration=5.0, fail_every=4, trace=True)
     rows = res["requests"]
     assert len(rows) == 12 == res["requests_ok"] + sum(res["errors"].values())
     assert [r[3] for r in rows].count("503") == 3
     assert all(r[2] == 3 and r[1] >= 0.01 for r in rows)  # documents, and at least the handler's sleep
     assert [r[0] for r in rows] == sorted(r[0] for r in rows) and rows[0][0] >= 0
-    untraced = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(3), concurrency=1,
-                                            duration=5.0, timeout=5.0, transport=_transport()))
+    untraced = _run(_requests(3), concurrency=1, duration=5.0)
     assert "requests" not in untraced
 
 
 def test_steady_throughput_counts_only_the_window_at_full_concurrency():
     # 3 pairs per request, 0.01 s each, 2 workers: about 600 pairs/s whatever the window
-    res = asyncio.run(loadgen.run_cell("http://test", "/v1/rerank", "m", _requests(100_000), concurrency=2,
-                                       duration=0.8, timeout=5.0, transport=_transport(), trace=True))
+    res = _run(_requests(100_000), concurrency=2, duration=0.8, trace=True)
     in_window = sum(d for t, lat, d, k in res["requests"] if 0.2 <= t + lat < 0.8)
     assert res["steady_pairs_per_s"] == pytest.approx(in_window / 0.6, rel=0.05)
     assert res["steady_pairs_per_s"] > 0

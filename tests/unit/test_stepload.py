@@ -92,3 +92,52 @@ def test_benchmark_service_env_quiets_serve_housekeeping(monkeypatch):
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.2")
     assert compare.service_env("default")["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.2"
+
+
+def test_run_load_sends_each_step_over_http_and_records_every_request():
+    """run_load against a real local aiohttp server: busy steps send fresh requests back to back, an idle step
+    sends none, and every request is recorded with its step, status and pairs."""
+    import asyncio
+    import time
+
+    from aiohttp import web
+
+    class Fresh:
+        def __init__(self):
+            self.n = 0
+
+        def next(self):
+            self.n += 1
+            return f"q{self.n}", [f"d{self.n}-a", f"d{self.n}-b"]
+
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body["query"])
+        await asyncio.sleep(0.01)
+        status = 503 if len(seen) % 5 == 0 else 200
+        return web.json_response({"results": [{"index": i} for i in range(len(body["documents"]))]}, status=status)
+
+    async def main(records: list, bounds: list) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/rerank", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            await stepload.run_load(f"http://127.0.0.1:{port}", [(2, 0.3), (0, 0.2), (4, 0.3)], Fresh(), records,
+                                    time.monotonic(), bounds)
+        finally:
+            await runner.cleanup()
+
+    records, bounds = [], []
+    asyncio.run(main(records, bounds))
+    assert len(records) == len(seen) and len(set(seen)) == len(seen)  # every request fresh, every one recorded
+    assert {r["step"] for r in records} == {0, 2}  # the idle step sent nothing
+    assert all(r["pairs"] == 2 and r["end"] > r["start"] for r in records)
+    assert sorted({r["status"] for r in records}) == [200, 503]
+    assert sum(r["step"] == 2 for r in records) > sum(r["step"] == 0 for r in records)  # 4 workers against 2
+    assert len(bounds) == 3 and bounds[1][1] - bounds[1][0] >= 0.19
