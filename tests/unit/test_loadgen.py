@@ -15,6 +15,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import loadgen  # noqa: E402
+from tests.local_http import rerank_server  # noqa: E402
 
 
 def _run(requests: list, concurrency: int, duration: float, fail_every: int = 0, trace: bool = False) -> dict:
@@ -35,18 +36,9 @@ def _run(requests: list, concurrency: int, duration: float, fail_every: int = 0,
         return web.json_response({"results": [{"index": i} for i in range(len(body["documents"]))]})
 
     async def main() -> dict:
-        app = web.Application()
-        app.router.add_post("/v1/rerank", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            return await loadgen.run_cell(f"http://127.0.0.1:{port}", "/v1/rerank", "m", requests, concurrency,
-                                          duration, timeout=5.0, trace=trace)
-        finally:
-            await runner.cleanup()
+        async with rerank_server(handler) as url:
+            return await loadgen.run_cell(url, "/v1/rerank", "m", requests, concurrency, duration, timeout=5.0,
+                                          trace=trace)
 
     res = asyncio.run(main())
     assert seen["n"] == res["requests_ok"] + sum(res["errors"].values())  # the server saw every counted request

@@ -102,6 +102,8 @@ def test_run_load_sends_each_step_over_http_and_records_every_request():
 
     from aiohttp import web
 
+    from tests.local_http import rerank_server
+
     class Fresh:
         def __init__(self):
             self.n = 0
@@ -120,18 +122,8 @@ def test_run_load_sends_each_step_over_http_and_records_every_request():
         return web.json_response({"results": [{"index": i} for i in range(len(body["documents"]))]}, status=status)
 
     async def main(records: list, bounds: list) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/rerank", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            await stepload.run_load(f"http://127.0.0.1:{port}", [(2, 0.3), (0, 0.2), (4, 0.3)], Fresh(), records,
-                                    time.monotonic(), bounds)
-        finally:
-            await runner.cleanup()
+        async with rerank_server(handler) as url:
+            await stepload.run_load(url, [(2, 0.3), (0, 0.2), (4, 0.3)], Fresh(), records, time.monotonic(), bounds)
 
     records, bounds = [], []
     asyncio.run(main(records, bounds))
