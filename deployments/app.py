@@ -117,6 +117,13 @@ def tokenized_in_ingress(cfg: AppArgs, use_gpu: bool) -> tuple[str, ...]:
     return tuple(m.id for m in cfg.models if (not use_gpu if m.tokenize_in_ingress is None else m.tokenize_in_ingress))
 
 
+def bundled_scorer_calls(cfg: AppArgs, use_gpu: bool) -> tuple[str, ...]:
+    """Ids of the models whose small chunks the ingress bundles into shared scorer calls
+    (``ModelArgs.bundle_scorer_calls``; unset: on CPU, where a call's CPU comes out of the forward passes)."""
+    return tuple(m.id for m in cfg.models
+                 if (not use_gpu if m.bundle_scorer_calls is None else m.bundle_scorer_calls))
+
+
 def build_app(args: dict | AppArgs) -> serve.Application:
     cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     use_gpu = resolve_accelerator(cfg)
@@ -137,6 +144,6 @@ def build_app(args: dict | AppArgs) -> serve.Application:
         ).bind(margs, m.scorer.model_dump(), use_gpu)
         handles[m.id] = {"preprocess": pre, "scorer": scorer}
     ingress = Ingress.options(name="Ingress", **deployment_options(cfg.ingress, 256, 64)).bind(
-        cfg.model_dump(), handles, tokenized_in_ingress(cfg, use_gpu)
+        cfg.model_dump(), handles, tokenized_in_ingress(cfg, use_gpu), bundled_scorer_calls(cfg, use_gpu)
     )
     return ingress

@@ -103,6 +103,7 @@ class Scorer:
         self._running = 0  # batches in their forward pass now
         self._pass_threads: dict[int, int] = {}  # torch threads -> forward calls run with that many (stats)
         self._forward_totals = {"batches": 0, "pairs": 0, "tokens": 0, "wall_s": 0.0, "cpu_s": 0.0}
+        self._bundles = {"calls": 0, "chunks": 0}  # score_many calls and the chunks they carried (stats)
         m = self.model_args
         t0 = self._started = time.monotonic()
         # forward passes run on long-lived threads of their own, so the event loop stays free for queueing.
@@ -197,6 +198,15 @@ class Scorer:
         units = min(self.max_units, max(1, math.ceil(enc.total_tokens / self.unit)))
         return await self._submit(_Item(enc, units, time.monotonic()))
 
+    async def score_many(self, encs: list[EncodedPairs]) -> list[ScoredChunk | Exception]:
+        """Several small chunks in one call (the ingress's bundles, ``deployments.bundle``): each queued as if it
+        came alone; a chunk's error comes back in its place, so the others still get their scores."""
+        self._bundles["calls"] += 1
+        self._bundles["chunks"] += len(encs)
+        done = await asyncio.gather(*(self.score(enc) for enc in encs), return_exceptions=True)
+        return [r if not isinstance(r, BaseException) or isinstance(r, Exception) else RuntimeError(repr(r))
+                for r in done]
+
     async def _run_batch(self, items: list[_Item]) -> list[ScoredChunk]:
         start = time.monotonic()
         rows, tiles, owners = [], [], []
@@ -290,6 +300,7 @@ class Scorer:
             # the clock and in those threads' CPU time (torch's own worker threads, when a pass has several, not
             # counted)
             "forward": {k: round(v, 3) if isinstance(v, float) else v for k, v in self._forward_totals.items()},
+            "bundles": dict(self._bundles),  # score_many calls (the ingress's bundles of small chunks) and chunks
             "uptime_s": round(time.monotonic() - self._started, 3),
             "fused_elementwise": self.fused_elementwise,
             "max_batch_tokens": self.cfg.max_batch_tokens,

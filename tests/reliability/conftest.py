@@ -22,7 +22,7 @@ VL = "nvidia/llama-nemotron-rerank-vl-1b-v2"
 
 def text_app_args(tiny_text: str, *, ingress: dict | None = None, preprocess: dict | None = None,
                   scorer: dict | None = None, limits: dict | None = None, http: dict | None = None,
-                  tokenize_in_ingress: bool | None = None) -> dict:
+                  tokenize_in_ingress: bool | None = None, bundle_scorer_calls: bool | None = None) -> dict:
     """serve_config.yaml's args serving only the text model on CPU, one small replica per deployment."""
     args = config_args({"text": tiny_text, "vl": tiny_text})
     text = next(m for m in args["models"] if m["name"] == "text")
@@ -30,6 +30,8 @@ def text_app_args(tiny_text: str, *, ingress: dict | None = None, preprocess: di
     text["scorer"] = {"num_cpus": 0.1, "num_gpus": 0, "num_replicas": 1, **(scorer or {})}
     if tokenize_in_ingress is not None:
         text["tokenize_in_ingress"] = tokenize_in_ingress
+    if bundle_scorer_calls is not None:
+        text["bundle_scorer_calls"] = bundle_scorer_calls
     args["models"] = [text]
     args["ingress"] = {"num_cpus": 0.1, "num_replicas": 1, **(ingress or {})}
     args["accelerator"] = "cpu"
@@ -44,9 +46,11 @@ AUX_APPS = {
     # Bounded queues and a short timeout. The ingress takes six requests at a time plus two waiting at the proxy;
     # the scorer one chunk plus three waiting from the ingress, and each request sends at most two chunks at once
     # (a lone request always fits, with room for the router's count of a chunk that just finished). Requests give
-    # up after 5 s; small chunks and small batches mean a cancelled request leaves little work behind.
+    # up after 5 s; small chunks and small batches mean a cancelled request leaves little work behind. Every
+    # chunk is a call of its own (no bundles), so the scorer's bounds above count chunks.
     "rel-limits": lambda t: text_app_args(
         t,
+        bundle_scorer_calls=False,
         ingress={"max_ongoing_requests": 6, "max_queued_requests": 2},
         scorer={"max_ongoing_requests": 1, "max_queued_requests": 3, "max_batch_tokens": 2048,
                 "cpu_forward_tokens": 2048},

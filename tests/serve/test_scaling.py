@@ -126,6 +126,45 @@ def test_scores_do_not_depend_on_batch_company(service):
         np.testing.assert_allclose(t, alone, atol=1e-5, rtol=0)
 
 
+def test_cpu_ingress_bundles_small_chunks_without_changing_a_score(service, tiny_text):
+    """On CPU the ingress sends small chunks of concurrent requests to the scorer in shared calls (score_many,
+    counted in the scorer's stats); every request still gets the logits it gets alone, and a bad request among
+    them fails alone."""
+    import httpx
+
+    args = _text_only_args(tiny_text, {"num_gpus": 0})
+    args["accelerator"] = "cpu"
+    serve.run(build_app(args), name="bundles", route_prefix="/bundles")
+    try:
+        url = service.base_url + "/bundles/v1/ranking"
+        scorer = serve.get_deployment_handle("Scorer-text", app_name="bundles")
+
+        def logits(k: int) -> list[float]:
+            body = {"model": MODEL, "query": {"text": f"query {k % 5}"}, "passages": [{"text": f"passage {k % 7}"}]}
+            r = httpx.post(url, json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return [x.logit for x in RankingResponse.model_validate(r.json()).rankings]
+
+        alone = {k: logits(k) for k in range(35)}  # every (query, passage) combination, one at a time
+        before = scorer.stats.remote().result()["bundles"]
+        deadline = time.monotonic() + 60
+        with cf.ThreadPoolExecutor(12) as pool:
+            while True:
+                futs = {k: pool.submit(logits, k) for k in range(36)}
+                bad = pool.submit(httpx.post, url, json={"model": MODEL, "query": {"text": "q"}, "passages": []},
+                                  timeout=120)
+                for k, f in futs.items():
+                    np.testing.assert_allclose(f.result(), alone[k % 35], atol=1e-5, rtol=0)
+                assert bad.result().status_code == 400
+                after = scorer.stats.remote().result()["bundles"]
+                if after["calls"] > before["calls"] or time.monotonic() > deadline:
+                    break
+        assert after["calls"] > before["calls"], "no chunks were bundled"
+        assert after["chunks"] - before["chunks"] >= 2 * (after["calls"] - before["calls"])
+    finally:
+        serve.delete("bundles")
+
+
 def test_metrics_are_exported(service, ray_cluster):
     service.client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]})
     want = ["ray_rerank_requests_total", "ray_rerank_pairs_scored_total", "ray_rerank_batch_tokens_bucket",

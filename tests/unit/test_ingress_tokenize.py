@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from deployments.app import tokenized_in_ingress
+from deployments.app import bundled_scorer_calls, tokenized_in_ingress
 from deployments.config import AppArgs, LimitsArgs, ModelArgs
 from deployments.messages import PrepareRequest, ScoredChunk
 from deployments.prepare import ChunkPreparer
@@ -58,14 +58,16 @@ def _handles(preparer: ChunkPreparer, score: Recording, pre: FakeMethod) -> dict
     }
 
 
-def test_default_follows_the_accelerator():
+@pytest.mark.parametrize("field, choose", [("tokenize_in_ingress", tokenized_in_ingress),
+                                           ("bundle_scorer_calls", bundled_scorer_calls)])
+def test_default_follows_the_accelerator(field, choose):
     cfg = AppArgs.model_validate({"models": [
         {"id": "a", "source": "x"},
-        {"id": "b", "source": "y", "tokenize_in_ingress": False},
-        {"id": "c", "source": "z", "tokenize_in_ingress": True},
+        {"id": "b", "source": "y", field: False},
+        {"id": "c", "source": "z", field: True},
     ]})
-    assert tokenized_in_ingress(cfg, use_gpu=False) == ("a", "c")  # CPU: on unless turned off
-    assert tokenized_in_ingress(cfg, use_gpu=True) == ("c",)  # GPU: preprocess replicas unless turned on
+    assert choose(cfg, use_gpu=False) == ("a", "c")  # CPU: on unless turned off
+    assert choose(cfg, use_gpu=True) == ("c",)  # GPU: off unless turned on
 
 
 def test_text_chunk_is_tokenized_in_the_ingress(preparer, tiny_text):
