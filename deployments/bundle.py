@@ -95,7 +95,9 @@ class ScoreBundler:
                 raise
             return
         results = [result] if len(futures) == 1 else result
-        for fut, res in zip(futures, results, strict=True):
+        if len(results) != len(futures):  # never expected; no caller may wait forever on it
+            results = [RuntimeError(f"the scorer answered {len(results)} chunks of {len(futures)}")] * len(futures)
+        for fut, res in zip(futures, results):
             if fut.done():
                 continue
             if isinstance(res, Exception):

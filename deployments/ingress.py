@@ -163,10 +163,11 @@ class Ingress:
     def __init__(self, args: dict, models: dict[str, dict[str, Any]], tokenize_here: tuple[str, ...] = (),
                  bundle_here: tuple[str, ...] = ()):
         self.args = AppArgs.model_validate(args)
-        # model id -> {"preprocess": handle, "scorer": handle, and for the models in tokenize_here (ids whose
-        # text-only chunks this replica tokenizes itself, see ModelArgs.tokenize_in_ingress): "preparer"}
+        # model id -> {"preprocess": handle, "scorer": handle, for the models in tokenize_here (ids whose
+        # text-only chunks this replica tokenizes itself, see ModelArgs.tokenize_in_ingress): "preparer", and for
+        # those in bundle_here (ModelArgs.bundle_scorer_calls): "bundler"}
         self.handles = {mid: dict(h) for mid, h in models.items()}
-        for mid in bundle_here:  # ModelArgs.bundle_scorer_calls
+        for mid in bundle_here:
             self.handles[mid]["bundler"] = ScoreBundler(self.handles[mid]["scorer"])
         for m in self.args.models:
             if m.id in tokenize_here:

@@ -107,6 +107,17 @@ def test_one_bad_chunk_fails_alone_and_a_failed_call_fails_its_chunks():
     assert all(isinstance(r, ConnectionError) for r in out)
 
 
+def test_a_wrong_number_of_answers_fails_the_chunks_instead_of_hanging():
+    class Short:
+        class score_many:
+            @staticmethod
+            def remote(encs):
+                return FakeResponse([_answer(encs[0])])  # one answer for two chunks
+
+    out = asyncio.run(_submit_all(ScoreBundler(Short()), [_enc(1), _enc(2)]))
+    assert all(isinstance(r, RuntimeError) and "answered 1 chunks of 2" in str(r) for r in out)
+
+
 def test_a_requests_chunks_never_share_a_call():
     s = Scorer()
     b = ScoreBundler(s)
