@@ -63,7 +63,10 @@ async def run_cell(
     stop_at = start = 0.0
     ran_out_at: float | None = None  # when the last generated request was sent, if before the clock ran out
 
-    bodies = [(len(docs), json.dumps(body_for(route, model, query, docs)).encode()) for query, docs in requests]
+    def encoded(query: str, docs: list[str]) -> bytes:
+        return json.dumps(body_for(route, model, query, docs)).encode()
+
+    bodies = [(len(docs), encoded(query, docs)) for query, docs in requests]
     post_headers = {**(headers or {}), "Content-Type": "application/json"}
 
     async def post(session: aiohttp.ClientSession, body: bytes) -> int:
@@ -99,7 +102,7 @@ async def run_cell(
                                      timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         # one warm-up request outside the clock
         warm_q, warm_d = requests[-1]
-        await post(session, json.dumps(body_for(route, model, warm_q, warm_d[:2])).encode())
+        await post(session, encoded(warm_q, warm_d[:2]))
         start = time.monotonic()
         stop_at = start + duration
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))

@@ -55,31 +55,30 @@ class ScoreBundler:
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        groups: list[tuple[list[tuple[EncodedPairs, asyncio.Future]], set[str], list[int]]] = []
-        for enc, key, fut in pending:
+        groups: list[list[tuple[EncodedPairs, str, asyncio.Future]]] = []
+        for item in pending:
+            enc, key, fut = item
             if fut.done():  # the caller gave up before the flush
                 continue
-            for group, keys, tokens in groups:  # the first open bundle without this request's chunks
-                if (len(group) < BUNDLE_MAX_CHUNKS and tokens[0] + enc.total_tokens <= BUNDLE_MAX_TOKENS
-                        and not (key and key in keys)):
-                    break
-            else:
-                group, keys, tokens = [], set(), [0]
-                groups.append((group, keys, tokens))
-            group.append((enc, fut))
-            keys.add(key)
-            tokens[0] += enc.total_tokens
-        for group, _, _ in groups:
+            # the first open bundle with room and without this request's chunks, else a new one
+            group = next((g for g in groups if len(g) < BUNDLE_MAX_CHUNKS
+                          and sum(e.total_tokens for e, _, _ in g) + enc.total_tokens <= BUNDLE_MAX_TOKENS
+                          and not (key and any(k == key for _, k, _ in g))), None)
+            if group is None:
+                group = []
+                groups.append(group)
+            group.append(item)
+        for group in groups:
             self._send(group)
 
-    def _send(self, group: list[tuple[EncodedPairs, asyncio.Future]]) -> None:
+    def _send(self, group: list[tuple[EncodedPairs, str, asyncio.Future]]) -> None:
         self.calls += 1
         self.chunks += len(group)
         if len(group) == 1:
             resp = self.scorer.score.remote(group[0][0])
         else:
-            resp = self.scorer.score_many.remote([enc for enc, _ in group])
-        task = asyncio.get_running_loop().create_task(self._deliver(resp, [fut for _, fut in group]))
+            resp = self.scorer.score_many.remote([enc for enc, _, _ in group])
+        task = asyncio.get_running_loop().create_task(self._deliver(resp, [fut for _, _, fut in group]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
