@@ -135,11 +135,14 @@ class ScorerArgs(DeploymentArgs):
         "The default fifo queue counts tokens exactly. Also sets the derived max_ongoing_requests and "
         "autoscaling target.",
     )
-    batch_wait_timeout_s: float = Field(
-        0.005,
+    batch_wait_timeout_s: float | None = Field(
+        None,
         ge=0,
         description="How long a batch waits for more pairs once its first chunk arrived (the FIFO queue "
-        "skips the wait when the replica was idle).",
+        "skips the wait when the replica was idle). Default: 0.005 on GPU (a bigger batch costs the GPU little "
+        "more time), 0 on CPU, where a batch starts only when a forward thread is free, so waiting leaves that "
+        "thread idle: one document per request at concurrency 4, 146 -> 180 pairs/s (benchmarks/README.md, "
+        "stop 24).",
     )
     max_concurrent_batches: int = Field(
         1, ge=1, description="Batches a replica runs at once (2 overlaps host work with the GPU forward pass)."
@@ -165,6 +168,14 @@ class ScorerArgs(DeploymentArgs):
         "the time; a batch that cannot be split and starts while nothing else runs or waits uses all "
         "torch_threads, so a lone request is not slowed down.",
     )
+    cpu_script_layers: bool = Field(
+        True,
+        description="On CPU, text model: run the layers of each packed forward pass as one TorchScript call (the "
+        "same ATen ops in the same order, so the same scores bit for bit) instead of ~25 Python-level op calls "
+        "per layer. A forward thread then needs the GIL only to enter and leave the pass, so the replica's event "
+        "loop (Ray and Serve's Python) no longer stalls it: an eager pass waits for the GIL after every op "
+        "whenever the loop runs Python (benchmarks/README.md, stop 24).",
+    )
     compile: bool = Field(
         False,
         description="torch.compile: on GPU the whole model (slower start, faster steps); on CPU the text model's "
@@ -174,6 +185,12 @@ class ScorerArgs(DeploymentArgs):
         "fresh output buffers make fault pages in. Needs a C++ compiler (g++) and adds ~15 s to a replica's "
         "start; without a compiler the replica logs a warning and runs eager.",
     )
+
+    def batch_wait_s(self, cpu: bool) -> float:
+        """batch_wait_timeout_s, or its default for the device: 0 on CPU, 0.005 s on GPU."""
+        if self.batch_wait_timeout_s is not None:
+            return self.batch_wait_timeout_s
+        return 0.0 if cpu else 0.005
 
     @property
     def cpu_threads(self) -> int:

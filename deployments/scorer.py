@@ -18,6 +18,7 @@ from ray import serve
 
 from rerank_core import load_reranker
 from rerank_core.batching import PackPlan
+from rerank_core.models.llama_bidirectional import script_packed_layers
 from rerank_core.reranker import with_torch_threads
 from rerank_core.tokenization import EncodedPairs
 
@@ -130,6 +131,8 @@ class Scorer:
             self.reranker.max_batch_tiles = self.cfg.max_batch_tiles
         elif self.cfg.attention_group_tokens:
             self.reranker.attention_group_tokens = self.cfg.attention_group_tokens
+        if device == "cpu" and self.reranker.kind == "text" and not self.cfg.cpu_script_layers:
+            script_packed_layers(self.reranker.model, False)  # eager packed passes (load_reranker scripts on CPU)
         if device == "cpu":
             # a text batch's share on each forward thread runs as passes of at most cpu_thread_tokens
             self.reranker.max_batch_tokens = (self.cfg.cpu_text_pass_tokens if self.reranker.kind == "text"
@@ -155,7 +158,7 @@ class Scorer:
         if self.cfg.batch_queue == "serve":
             batched = serve.batch(
                 max_batch_size=self.max_units,
-                batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+                batch_wait_timeout_s=self.cfg.batch_wait_s(device == "cpu"),
                 max_concurrent_batches=self.concurrent_batches,
                 batch_size_fn=_units,
             )(self._run_batch)
@@ -167,7 +170,7 @@ class Scorer:
             fifo = FifoBatchQueue(
                 self._run_batch,
                 max_size=batch_tokens,
-                wait_s=self.cfg.batch_wait_timeout_s,
+                wait_s=self.cfg.batch_wait_s(device == "cpu"),
                 max_concurrent=self.concurrent_batches,
             )
             self._submit = lambda item: fifo.submit(item, item.enc.total_tokens)
@@ -303,6 +306,8 @@ class Scorer:
             "bundles": dict(self._bundles),  # score_many calls (the ingress's bundles of small chunks) and chunks
             "uptime_s": round(time.monotonic() - self._started, 3),
             "fused_elementwise": self.fused_elementwise,
+            # CPU text model: packed passes run their layers as one TorchScript call (cpu_script_layers)
+            "scripted_layers": bool(getattr(getattr(self.reranker.model, "model", None), "scripted", False)),
             "max_batch_tokens": self.cfg.max_batch_tokens,
             "pid": os.getpid(),
             # "pid:native thread id" of the thread that loaded the model, and of those its forward passes ran on

@@ -331,9 +331,11 @@ def load_reranker(
     tokenizer = PromptTokenizer(path, max_length=limit, query_budget=query_budget)
     model = None
     if load_weights:
-        from .models.llama_bidirectional import fuse_projections
+        from .models.llama_bidirectional import fuse_projections, script_packed_layers
 
         model = fuse_projections(build_model(info, dt).to(dev))
+        if dev.type == "cpu":
+            script_packed_layers(model)  # packed CPU passes without the GIL (see the model module)
     cls = Reranker
     if info.kind == "vl":
         from .vl_reranker import VLReranker

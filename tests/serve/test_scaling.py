@@ -373,6 +373,7 @@ def test_scorer_loads_and_runs_its_model_on_one_thread(service, name):
     assert stats["load_thread"].startswith(f"{stats['pid']}:")
     assert stats["forward_threads"] == [stats["load_thread"]]
     assert stats["concurrent_batches"] == 1  # num_cpus 0.1: one thread, so one pass at a time
+    assert stats["scripted_layers"] is (name == "text")  # cpu_script_layers: on by default for the text model
     # forward accounting: this request's batch at least (the warm-up pass is not a batch)
     fwd = stats["forward"]
     assert fwd["batches"] >= 1 and fwd["pairs"] >= 2 and fwd["tokens"] > fwd["pairs"]
@@ -390,3 +391,13 @@ def test_cpu_scorer_with_compile_runs_fused_elementwise_kernels(ray_cluster, tin
     for i, g in enumerate(got):
         want = text_reranker.score(f"query {i}", [f"passage {i} {passage}"])
         np.testing.assert_allclose(g.logits, want, atol=1e-5, rtol=0)
+
+
+def test_cpu_scorer_with_script_layers_off_runs_eager_passes_with_the_same_scores(ray_cluster, tiny_text):
+    """cpu_script_layers: false keeps a CPU text scorer's packed passes in the eager modules; batches of
+    concurrent chunks score the same either way (the scripted path's own parity is in the unit tests)."""
+    cfg = {"torch_threads": 2, "cpu_script_layers": False, "max_batch_tokens": 512, "cpu_forward_tokens": 512}
+    s, got, alone = _score_chunks_at_once(tiny_text, cfg, 4, lambda forward: forward)
+    assert s.reranker.model.model.scripted is False  # (stats() needs a Ray worker; the serve test above reads it)
+    for g, a in zip(got, alone):
+        np.testing.assert_allclose(g.logits, a, atol=1e-5, rtol=0)

@@ -80,3 +80,17 @@ def test_cpu_scorer_splits_its_threads_into_parallel_passes(fields, threads, pas
     assert s.cpu_pass_threads == min(s.cpu_threads_per_pass, threads)
     assert s.concurrent_batches(use_gpu=False) == passes
     assert s.concurrent_batches(use_gpu=True) == s.max_concurrent_batches
+
+
+def test_batch_wait_defaults_to_none_on_cpu_and_5_ms_on_gpu():
+    """A CPU batch starts when a forward thread is free, so by default it does not wait for company; a GPU
+    batch waits 5 ms; a value that is set is used on both."""
+    from deployments.config import ScorerArgs
+
+    s = ScorerArgs()
+    assert s.batch_wait_timeout_s is None
+    assert (s.batch_wait_s(cpu=True), s.batch_wait_s(cpu=False)) == (0.0, 0.005)
+    set_ = ScorerArgs(batch_wait_timeout_s=0.05)
+    assert (set_.batch_wait_s(cpu=True), set_.batch_wait_s(cpu=False)) == (0.05, 0.05)
+    with pytest.raises(ValueError):
+        ScorerArgs(batch_wait_timeout_s=-1)

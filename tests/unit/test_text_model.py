@@ -218,3 +218,40 @@ def test_fused_elementwise_passes_equal_the_modules(tiny_text):
     assert counters["stats"]["unique_graphs"] >= graphs + 4  # the four kernels compiled: the fused path ran
     np.testing.assert_allclose(r.forward_rows(rows, plan=plan), want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(r.score(QUERY, docs[:1]), r.score(QUERY, docs)[:1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scripted_packed_passes_equal_eager_bit_for_bit(tiny_text, dtype):
+    """CPU packed passes run their layers as one TorchScript call (on by default): the same ATen ops in the
+    same order as the eager modules, so the same logits to the bit, with and without padded groups."""
+    from rerank_core.models.llama_bidirectional import script_packed_layers
+
+    r = load_reranker(tiny_text, device="cpu", dtype=dtype)
+    assert r.model.model.scripted  # load_reranker scripts CPU models
+    docs = [d * k for k, d in enumerate(DOCS + MULTILINGUAL, start=1)] + DOCS + DOCS
+    enc = r.encode(QUERY, docs)
+    rows = [enc.pair(i) for i in range(len(enc.lengths))]
+    lengths = [len(x) for x in rows]
+    for group_tokens, pass_tokens in [(16, 64), (128, 256), (512, 4096), (1 << 20, 1 << 20)]:
+        plan = pack_varlen(lengths, pass_tokens, group_tokens)
+        scripted = r.forward_rows(rows, plan=plan)
+        assert script_packed_layers(r.model, False) == 1
+        eager = r.forward_rows(rows, plan=plan)
+        script_packed_layers(r.model)
+        np.testing.assert_array_equal(scripted, eager)
+
+
+def test_scripted_passes_do_not_call_the_eager_layers(tiny_text, monkeypatch):
+    """With scripting on, a packed pass never enters the Python layer modules (that is what frees the GIL);
+    with it off, it does."""
+    from rerank_core.models.llama_bidirectional import DecoderLayer, script_packed_layers
+
+    r = load_reranker(tiny_text, device="cpu")
+    calls = []
+    eager = DecoderLayer.forward_packed
+    monkeypatch.setattr(DecoderLayer, "forward_packed", lambda self, *a: calls.append(1) or eager(self, *a))
+    want = r.score(QUERY, DOCS)
+    assert calls == []
+    script_packed_layers(r.model, False)
+    assert r.score(QUERY, DOCS) == want
+    assert len(calls) == len(r.model.model.layers)
