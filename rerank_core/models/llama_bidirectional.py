@@ -23,6 +23,7 @@ Nkv = key/value heads, D = head dim.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import warnings
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlamaConfig
+
+log = logging.getLogger("rerank_core")
 
 
 class RMSNorm(nn.Module):
@@ -532,7 +535,7 @@ _SCRIPT_LOCK = threading.Lock()
 
 
 def _scripted_layers() -> Callable[..., torch.Tensor]:
-    """``_packed_layers`` compiled by ``torch.jit.script`` once per process (about a second)."""
+    """``_packed_layers`` compiled by ``torch.jit.script`` once per process."""
     if not _SCRIPTED:
         with _SCRIPT_LOCK:
             if not _SCRIPTED:
@@ -544,10 +547,15 @@ def _scripted_layers() -> Callable[..., torch.Tensor]:
 
 def script_packed_layers(model: nn.Module, on: bool = True) -> int:
     """Run the packed passes of every Llama trunk in ``model`` through the TorchScript layers (CPU only; GPU
-    passes and fused elementwise kernels keep their own path). Scripts now, so an error shows at load time.
-    Returns the number of trunks changed."""
+    passes and fused elementwise kernels keep their own path). Scripts now: where TorchScript cannot compile
+    it (a torch without it), this logs why and the passes stay eager. Returns the number of trunks changed."""
     if on:
-        _scripted_layers()
+        try:
+            _scripted_layers()
+        except Exception as e:  # noqa: BLE001 - any scripting failure leaves the eager path, which is correct
+            log.warning("TorchScript could not compile the packed layers (%s: %s); CPU passes stay eager",
+                        type(e).__name__, str(e).strip().splitlines()[0][:300] if str(e).strip() else "")
+            on = False
     trunks = [m for m in model.modules() if isinstance(m, LlamaBidirectionalModel)]
     for m in trunks:
         m.scripted = on

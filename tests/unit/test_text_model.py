@@ -255,3 +255,20 @@ def test_scripted_passes_do_not_call_the_eager_layers(tiny_text, monkeypatch):
     script_packed_layers(r.model, False)
     assert r.score(QUERY, DOCS) == want
     assert len(calls) == len(r.model.model.layers)
+
+
+def test_a_torch_that_cannot_script_leaves_the_passes_eager(tiny_text, monkeypatch, caplog):
+    """Where TorchScript fails (a torch without it), loading still works: the passes stay eager, with a
+    warning that says why."""
+    import rerank_core.models.llama_bidirectional as lb
+
+    def fail(fn):
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(lb, "_SCRIPTED", [])
+    monkeypatch.setattr(torch.jit, "script", fail)
+    with caplog.at_level("WARNING", logger="rerank_core"):
+        r = load_reranker(tiny_text, device="cpu")
+    assert r.model.model.scripted is False
+    assert "no TorchScript here" in caplog.text
+    assert len(r.score(QUERY, DOCS)) == len(DOCS)
