@@ -49,18 +49,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return cpu_rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if x.device.type == "cpu":
-                return cpu_rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused; same result in float32
         return rms_norm_expr(x, self.weight, self.eps)
 
 
 def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in float32 on CPU, where F.rms_norm runs unfused (pow, mean, rsqrt, mul, mul): one norm
-    reduction and two in-place products read [T, H] three times instead of five (40% faster on 4096 x 256)."""
-    scale = torch.linalg.vector_norm(x, 2.0, [-1], True).square_().div_(x.shape[-1])
-    return torch.mul(x, scale.add_(eps).rsqrt_()).mul_(weight)
+    """RMSNorm on CPU (``RMSNorm.forward``, and the scripted layers). In float32, where F.rms_norm runs unfused
+    (pow, mean, rsqrt, mul, mul), one norm reduction and two in-place products read [T, H] three times instead
+    of five (40% faster on 4096 x 256); other dtypes: ``rms_norm_expr``."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        scale = torch.linalg.vector_norm(x, 2.0, [-1], True).square_().div_(x.shape[-1])
+        return torch.mul(x, scale.add_(eps).rsqrt_()).mul_(weight)
+    return rms_norm_expr(x, weight, eps)
 
 
 def llama3_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -370,8 +373,31 @@ class LlamaBidirectionalModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.ops: ElementwiseOps | None = None  # fused elementwise kernels for forward_packed (compile_elementwise)
-        self.scripted = False  # CPU packed passes through the TorchScript layers (script_packed_layers)
+        # per-layer weight lists of the TorchScript layers, while CPU packed passes use them (script_packed_layers)
         self._script_weights: tuple | None = None
+
+    @property
+    def scripted(self) -> bool:
+        """CPU packed passes run through the TorchScript layers."""
+        return self._script_weights is not None
+
+    def _layer_weight_lists(self) -> tuple:
+        """The arguments of ``_packed_layers`` that hold weights, one list per kind (fused projections only)."""
+        layers = self.layers
+        if any(layer.self_attn.qkv_weight is None or layer.mlp.gate_up_weight is None for layer in layers):
+            raise ValueError("scripted packed passes need fused projections (fuse_projections)")
+        return (
+            [layer.input_layernorm.weight for layer in layers],
+            [layer.self_attn.qkv_weight for layer in layers],
+            [layer.self_attn.qkv_bias for layer in layers],
+            [layer.self_attn.o_proj.weight for layer in layers],
+            [layer.self_attn.o_proj.bias for layer in layers],
+            [layer.post_attention_layernorm.weight for layer in layers],
+            [layer.mlp.gate_up_weight for layer in layers],
+            [layer.mlp.gate_up_bias for layer in layers],
+            [layer.mlp.down_proj.weight for layer in layers],
+            [layer.mlp.down_proj.bias for layer in layers],
+        )
 
     def forward(
         self,
@@ -406,22 +432,6 @@ class LlamaBidirectionalModel(nn.Module):
     ) -> torch.Tensor:
         """The eager layers' ops in the same order, run by the TorchScript interpreter in one call (see
         ``script_packed_layers``): the calling thread holds the GIL only to enter and leave it."""
-        if self._script_weights is None:
-            layers = self.layers
-            if any(layer.self_attn.qkv_weight is None or layer.mlp.gate_up_weight is None for layer in layers):
-                raise RuntimeError("scripted packed passes need fused projections (fuse_projections)")
-            self._script_weights = (
-                [layer.input_layernorm.weight for layer in layers],
-                [layer.self_attn.qkv_weight for layer in layers],
-                [layer.self_attn.qkv_bias for layer in layers],
-                [layer.self_attn.o_proj.weight for layer in layers],
-                [layer.self_attn.o_proj.bias for layer in layers],
-                [layer.post_attention_layernorm.weight for layer in layers],
-                [layer.mlp.gate_up_weight for layer in layers],
-                [layer.mlp.gate_up_bias for layer in layers],
-                [layer.mlp.down_proj.weight for layer in layers],
-                [layer.mlp.down_proj.bias for layer in layers],
-            )
         cfg = self.config
         groups = layout.groups
         with torch.jit.optimized_execution(False):  # the plain interpreter: the same ATen calls as eager
@@ -458,13 +468,6 @@ class LlamaBidirectionalModel(nn.Module):
 # the time: 11.8 ms instead of 6.0). The interpreter runs the whole stack of layers without the GIL.
 
 
-def _script_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``RMSNorm.forward`` on CPU."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return cpu_rms_norm(x, weight, eps)
-    return rms_norm_expr(x, weight, eps)
-
-
 def _packed_layers(
     h: torch.Tensor,
     cos: torch.Tensor,
@@ -495,7 +498,7 @@ def _packed_layers(
     """``DecoderLayer.forward_packed`` for every layer (fused projections), then the final norm."""
     t = h.shape[0]
     for i in range(len(qkv_w)):
-        heads = F.linear(_script_rms_norm(h, in_norm[i], eps), qkv_w[i], qkv_b[i]).view(t, nh + 2 * nkv, d)
+        heads = F.linear(cpu_rms_norm(h, in_norm[i], eps), qkv_w[i], qkv_b[i]).view(t, nh + 2 * nkv, d)
         qk = apply_rotary(heads[:, : nh + nkv], cos, sin)
         v = heads[:, nh + nkv :]
         out = torch.empty((t, nh * d), dtype=h.dtype, device=h.device)
@@ -523,11 +526,11 @@ def _packed_layers(
             else:
                 torch.index_select(o, 0, real, out=out[g_start[j] : g_end[j]])
         h = h + F.linear(out, o_w[i], o_b[i])
-        gate_up = F.linear(_script_rms_norm(h, post_norm[i], eps), gate_up_w[i], gate_up_b[i])
+        gate_up = F.linear(cpu_rms_norm(h, post_norm[i], eps), gate_up_w[i], gate_up_b[i])
         half = gate_up.shape[-1] // 2
         act = F.silu(gate_up[..., :half], inplace=True)
         h = h.add_(F.linear(act.mul_(gate_up[..., half:]), down_w[i], down_b[i]))
-    return _script_rms_norm(h, final_norm, eps)
+    return cpu_rms_norm(h, final_norm, eps)
 
 
 _SCRIPTED: list = []
@@ -558,8 +561,7 @@ def script_packed_layers(model: nn.Module, on: bool = True) -> int:
             on = False
     trunks = [m for m in model.modules() if isinstance(m, LlamaBidirectionalModel)]
     for m in trunks:
-        m.scripted = on
-        m._script_weights = None
+        m._script_weights = m._layer_weight_lists() if on else None
     return len(trunks)
 
 
