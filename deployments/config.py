@@ -166,7 +166,19 @@ class ScorerArgs(DeploymentArgs):
         "pairs/s than one 2-thread pass (benchmarks/README.md). A text batch of several attention groups is "
         "split into equal shares, one per such thread, so batches finish in arrival order, each in a fraction of "
         "the time; a batch that cannot be split and starts while nothing else runs or waits uses all "
-        "torch_threads, so a lone request is not slowed down.",
+        "torch_threads if it holds at least cpu_lone_batch_min_tokens tokens, so a lone request is not slowed "
+        "down.",
+    )
+    cpu_lone_batch_min_tokens: int = Field(
+        256,
+        ge=0,
+        description="CPU-only scorer: the fewest tokens a batch that cannot be split over the forward threads "
+        "needs to run on all torch_threads when it starts with nothing else running or queued; smaller ones run "
+        "on one thread. Two threads speed a one-pair pass up 1.4x at 48 tokens, 1.7x at 256 and 1.8-2x from 512 on "
+        "the benchmark model, but a two-thread pass waits at every op for a thread whose core another process "
+        "took, and holds both threads when the next request comes. One document of 16-64 tokens per request: "
+        "at concurrency 4, +5-7% pairs/s and p99 37 against 40-42 ms; at concurrency 1, p99 13-17 against 19-22 ms "
+        "for 0-8% fewer pairs/s (benchmarks/README.md, stop 25). 0: every such batch uses all threads.",
     )
     cpu_script_layers: bool = Field(
         True,

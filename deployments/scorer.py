@@ -224,7 +224,9 @@ class Scorer:
         calls: list[tuple[list[int] | None, int | None]] = [(None, None)]
         if self._cpu_threads is not None:
             every, one = self._cpu_threads
-            alone = self._running == 0 and not self._queued()
+            # a lone batch gets every thread only if it is big enough to gain more than a stalled barrier costs
+            alone = (self._running == 0 and not self._queued()
+                     and plan.real_tokens >= self.cfg.cpu_lone_batch_min_tokens)
             shares = [] if plan.passes is None else plan.deal(every // one, by_batch=True)
             if len(shares) > 1:
                 # a packed batch is split by attention group into equal shares, one per forward thread, each

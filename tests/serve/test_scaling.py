@@ -283,8 +283,11 @@ def test_cpu_scorer_runs_one_thread_passes_side_by_side(ray_cluster, tiny_text):
     assert sum(s.pass_threads.values()) == len(calls)
 
 
-def test_cpu_scorer_gives_a_lone_batch_every_thread(ray_cluster, tiny_text):
-    """A chunk that finds the CPU replica idle (nothing running, nothing queued) runs on all torch_threads."""
+@pytest.mark.parametrize("min_tokens, threads", [(100, 2), (None, 1)])
+def test_cpu_scorer_gives_a_big_enough_lone_batch_every_thread(ray_cluster, tiny_text, min_tokens, threads):
+    """A chunk that finds the CPU replica idle (nothing running, nothing queued) runs on all torch_threads if
+    it has at least cpu_lone_batch_min_tokens tokens; this ~120-token one runs on one thread under the
+    default of 256. Its logits are the same either way."""
     import torch
 
     seen: list[int] = []
@@ -297,8 +300,10 @@ def test_cpu_scorer_gives_a_lone_batch_every_thread(ray_cluster, tiny_text):
         return recording
 
     cfg = {"torch_threads": 2, "max_batch_tokens": 512, "cpu_forward_tokens": 512}
+    if min_tokens is not None:
+        cfg["cpu_lone_batch_min_tokens"] = min_tokens
     s, got, alone = _score_chunks_at_once(tiny_text, cfg, 1, wrap)
-    assert seen == [2] and s.pass_threads == {"2": 1}
+    assert seen == [threads] and s.pass_threads == {str(threads): 1}
     np.testing.assert_allclose(got[0].logits, alone[0], atol=1e-5, rtol=0)
 
 
