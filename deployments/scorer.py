@@ -97,7 +97,7 @@ class Scorer:
             # under load, cpu_parallel_passes passes of cpu_threads_per_pass threads each: a 1-thread pass keeps
             # going while another process holds the other core, where a 2-thread pass would wait for it at the
             # barrier that ends each op (see ScorerArgs.cpu_threads_per_pass). A batch that starts with nothing
-            # else running or queued gets every thread, so a lone request is not slowed down.
+            # else running or queued gets every thread if it holds cpu_lone_batch_min_tokens tokens or more.
             self.concurrent_batches = self.cfg.cpu_parallel_passes
             self._cpu_threads = (self.cfg.cpu_threads, self.cfg.cpu_pass_threads)
             torch.set_num_threads(self.cfg.cpu_pass_threads)
@@ -288,7 +288,8 @@ class Scorer:
     @property
     def pass_threads(self) -> dict[str, int]:
         """CPU: forward calls so far, by torch threads per pass: a batch split over the forward threads makes one
-        one-thread call per share; one that cannot be split gets all of them if it found the replica idle."""
+        one-thread call per share; one that cannot be split gets all of them if it found the replica idle and
+        holds at least cpu_lone_batch_min_tokens tokens."""
         return {str(k): v for k, v in sorted(self._pass_threads.items())}
 
     def ready(self) -> bool:
