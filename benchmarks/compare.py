@@ -185,7 +185,8 @@ def loadgen(url: str, route: str, model: str, args: argparse.Namespace, tag: str
     out = RESULTS / f"loadgen-{tag}.json"
     cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url, "--route", route, "--model", model,
            "--tokenizer", args.tokenizer, "--docs", str(args.docs), "--doc-tokens", args.doc_tokens,
-           "--concurrency", args.concurrency, "--duration", str(args.duration), "--out", str(out),
+           "--query-words", str(args.query_words), "--concurrency", args.concurrency,
+           "--duration", str(args.duration), "--out", str(out),
            "--max-requests", str(args.max_requests), "--trace"]
     subprocess.run(cmd, check=True)
     res = json.loads(out.read_text())
@@ -199,7 +200,7 @@ def run_ceiling(ckpt: Path, args: argparse.Namespace, scorer_overrides: dict | N
     ``cpu_forward_tokens=N``, ``cpu_thread_tokens=N`` and ``compile=true`` apply to both)."""
     cmd = [sys.executable, str(HERE / "ceiling.py"), "--checkpoint", str(ckpt), "--tokenizer", args.tokenizer,
            "--docs", str(args.docs), "--doc-tokens", args.doc_tokens, "--threads", str(args.threads),
-           "--requests", str(args.ceiling_requests)]
+           "--query-words", str(args.query_words), "--requests", str(args.ceiling_requests)]
     overrides = scorer_overrides or {}
     if "cpu_threads_per_pass" in overrides:
         cmd += ["--threads-per-pass", str(overrides["cpu_threads_per_pass"])]
@@ -301,6 +302,7 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=None)
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--doc-tokens", default="64,512")
+    ap.add_argument("--query-words", type=int, default=12, help="words in every request's query")
     ap.add_argument("--concurrency", default="16")
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--threads", type=int, default=2)
