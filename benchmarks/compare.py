@@ -187,7 +187,7 @@ def loadgen(url: str, route: str, model: str, args: argparse.Namespace, tag: str
            "--tokenizer", args.tokenizer, "--docs", str(args.docs), "--doc-tokens", args.doc_tokens,
            "--query-words", str(args.query_words), "--concurrency", args.concurrency,
            "--duration", str(args.duration), "--out", str(out),
-           "--max-requests", str(args.max_requests), "--trace"]
+           "--max-requests", str(args.max_requests), "--trace", "--cpu"]
     subprocess.run(cmd, check=True)
     res = json.loads(out.read_text())
     for row in res["results"]:
@@ -327,7 +327,8 @@ def main() -> None:
     ckpt = bench_checkpoint(args.tokenizer)
     report: dict = {"checkpoint": "hidden 256, 4 layers, 4 heads / 1 KV head, head_dim 64, real tokenizer, float32",
                     "workload": {"docs_per_request": args.docs, "doc_tokens": args.doc_tokens,
-                                 "concurrency": args.concurrency, "duration_s": args.duration},
+                                 "query_words": args.query_words, "concurrency": args.concurrency,
+                                 "duration_s": args.duration},
                     "threads": args.threads, "scorer_replicas": args.scorer_replicas, "serve_mode": args.serve_mode,
                     "scorer_overrides": parse_overrides(args.scorer),  # parsed once, used by every round
                     "model_overrides": parse_overrides(args.model)}

@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from cpu_split import snapshot, split  # noqa: E402
 from workload import Cell, TextFactory  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def body_for(route: str, model: str | None, query: str, docs: list[str]) -> dict
 
 async def run_cell(
     url: str, route: str, model: str | None, requests: list, concurrency: int, duration: float, timeout: float,
-    headers: dict | None = None, trace: bool = False,
+    headers: dict | None = None, trace: bool = False, cpu: bool = False,
 ) -> dict:
     """Closed loop: ``concurrency`` workers send requests back to back for ``duration`` s (the last ones are
     waited for). ``trace``: the result also lists every request as [sent (s after the start), latency (s),
@@ -54,7 +55,9 @@ async def run_cell(
 
     ``pairs_per_s`` counts every pair over the whole run, the ramp-up and the drain (the last requests, with
     fewer than ``concurrency`` in flight) included; ``steady_pairs_per_s`` counts the pairs of requests that
-    finished in the last three quarters of ``duration`` (full concurrency, past the start)."""
+    finished in the last three quarters of ``duration`` (full concurrency, past the start). ``cpu``: the result
+    also has ``cpu_cores``, the cores each kind of process on this machine used over that same window
+    (``cpu_split``)."""
     latencies: list[float] = []
     finished: list[tuple[float, int]] = []  # (finish time after the start, pairs) of successful requests
     sent: list[list] = []
@@ -78,6 +81,13 @@ async def run_cell(
         async with session.post(route, data=body, headers=post_headers) as r:
             await r.read()  # the whole answer, as a client would
             return r.status
+
+    async def cpu_window() -> dict[str, float]:
+        await asyncio.sleep(duration / 4)
+        a, t_a = await asyncio.to_thread(snapshot), time.monotonic()
+        await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        b, t_b = await asyncio.to_thread(snapshot), time.monotonic()
+        return split(a, b, t_b - t_a)
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal pairs, next_index, ran_out_at
@@ -110,8 +120,10 @@ async def run_cell(
         await post(session, encoded(warm_q, warm_d[:2]))
         start = time.monotonic()
         stop_at = start + duration
+        sampler = asyncio.create_task(cpu_window()) if cpu else None
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         elapsed = time.monotonic() - start
+        cpu_cores = await sampler if sampler is not None else None
     gc.unfreeze()
     lat = np.array(latencies) if latencies else np.array([np.nan])
     ran_out = ran_out_at is not None  # set only while the clock was still running
@@ -132,6 +144,8 @@ async def run_cell(
         "p99_s": round(float(np.percentile(lat, 99)), 3),
         "ran_out_of_requests": ran_out,
     }
+    if cpu_cores is not None:
+        out["cpu_cores"] = cpu_cores
     if trace:
         out["requests"] = sorted(sent)
     return out
@@ -182,6 +196,8 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--trace", action="store_true",
                     help="list every request in the JSON result: [sent s, latency s, documents, status]")
+    ap.add_argument("--cpu", action="store_true",
+                    help="add cpu_cores: cores used per kind of process on this machine in the steady window")
     args = ap.parse_args()
 
     from rerank_core.tokenization import PromptTokenizer
@@ -194,7 +210,7 @@ def main() -> None:
     for k, c in enumerate(int(x) for x in args.concurrency.split(",")):
         reqs = make_requests(cell, args.max_requests, tok.count_tokens, seed=args.seed * 1000 + k)
         res = asyncio.run(run_cell(args.url, args.route, args.model, reqs, c, args.duration, args.timeout, headers,
-                                   trace=args.trace))
+                                   trace=args.trace, cpu=args.cpu))
         print(json.dumps({k: v for k, v in res.items() if k != "requests"}), flush=True)
         rows.append(res)
     out = {"url": args.url, "route": args.route, "cell": asdict(cell), "duration_s": args.duration, "results": rows}

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +17,13 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+import cpu_split  # noqa: E402
 import loadgen  # noqa: E402
 from tests.local_http import rerank_server  # noqa: E402
 
 
-def _run(requests: list, concurrency: int, duration: float, fail_every: int = 0, trace: bool = False) -> dict:
+def _run(requests: list, concurrency: int, duration: float, fail_every: int = 0, trace: bool = False,
+         cpu: bool = False) -> dict:
     """loadgen.run_cell against a rerank-shaped server (0.01 s per request; every ``fail_every``-th answers 503)
     that counts the requests after the warm-up one (two documents) and checks each body."""
     seen = {"n": 0}
@@ -38,7 +43,7 @@ def _run(requests: list, concurrency: int, duration: float, fail_every: int = 0,
     async def main() -> dict:
         async with rerank_server(handler) as url:
             return await loadgen.run_cell(url, "/v1/rerank", "m", requests, concurrency, duration, timeout=5.0,
-                                          trace=trace)
+                                          trace=trace, cpu=cpu)
 
     res = asyncio.run(main())
     assert seen["n"] == res["requests_ok"] + sum(res["errors"].values())  # the server saw every counted request
@@ -82,3 +87,39 @@ def test_steady_throughput_counts_only_the_window_at_full_concurrency():
     assert res["steady_pairs_per_s"] == pytest.approx(in_window / 0.6, rel=0.05)
     assert res["steady_pairs_per_s"] > 0
     assert res["steady_pairs_per_s"] >= 0.5 * res["pairs_per_s"]
+
+
+def test_cpu_split_names_processes_by_kind_not_pid():
+    assert cpu_split.label(["ray::ServeReplica:rerank:Scorer-text"]) == "ServeReplica:rerank:Scorer-text"
+    assert cpu_split.label(["ray::ServeController.listen_for_change"]) == "ServeController"
+    assert cpu_split.label(["VLLM::Worker"]) == "VLLM::Worker"
+    assert cpu_split.label(["/v/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--port", "1"]) == \
+        "vllm.entrypoints.openai.api_server"
+    assert cpu_split.label(["/v/bin/python", "benchmarks/loadgen.py", "--url", "u"]) == "loadgen.py"
+    assert cpu_split.label(["/usr/sbin/haproxy", "-f", "x.cfg"]) == "haproxy"
+    assert cpu_split.label([]) == "?"
+
+
+def test_cpu_split_sees_a_busy_process(tmp_path):
+    script = tmp_path / "busy_cpu_probe.py"
+    script.write_text("import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n    pass\n")
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        time.sleep(0.3)
+        a, t0 = cpu_split.snapshot(), time.monotonic()
+        time.sleep(1.0)
+        b, t1 = cpu_split.snapshot(), time.monotonic()
+    finally:
+        proc.kill()
+        proc.wait()
+    cores = cpu_split.split(a, b, t1 - t0)
+    assert 0.3 < cores["busy_cpu_probe.py"] <= 1.1  # one busy thread: up to one core
+    assert list(cores.values())[0] == max(cores.values())  # largest first
+
+
+def test_cpu_flag_adds_the_steady_window_split():
+    res = _run(_requests(100_000), concurrency=2, duration=0.8, cpu=True)
+    cores = res["cpu_cores"]
+    assert cores and all(v > 0 for v in cores.values())
+    assert sum(cores.values()) <= (os.cpu_count() or 1) + 0.2
+    assert "cpu_cores" not in _run(_requests(3), concurrency=1, duration=5.0)
