@@ -19,6 +19,7 @@ Truncation (``truncate``):
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -246,7 +247,9 @@ class PromptTokenizer:
                 doc_index.append(i)
             notes.append((i, f"split into {doc_index.count(i)} chunks of at most {max_length} tokens"))
         lengths = np.fromiter((len(p) for p in pieces), dtype=np.int32, count=len(pieces))
-        ids = np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=int(lengths.sum()))
+        # chain.from_iterable feeds fromiter from C: 146 us for 32 pieces of 300 ids where a nested generator
+        # took 258 (the ingress tokenizes every text request)
+        ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
         return EncodedPairs(
             ids=ids,
             lengths=lengths,
