@@ -91,8 +91,10 @@ def test_ceiling_runs_with_the_scorers_threads_per_pass_and_pass_size(tmp_path, 
         return types.SimpleNamespace(stdout='log line\n{"pairs": 1}')
 
     monkeypatch.setattr(compare.subprocess, "run", fake_run)
-    args = argparse.Namespace(tokenizer="tok", docs=8, doc_tokens="32,256", threads=2, ceiling_requests=4)
+    args = argparse.Namespace(tokenizer="tok", docs=8, doc_tokens="32,256", query_words=40, threads=2,
+                              ceiling_requests=4)
     assert compare.run_ceiling(tmp_path, args) == {"pairs": 1}
+    assert calls[0][calls[0].index("--query-words") + 1] == "40"  # the ceiling's queries are the cell's
     assert "--threads-per-pass" not in calls[0] and "--max-batch-tokens" not in calls[0]
     assert "--compile" not in calls[0]
     compare.run_ceiling(tmp_path, args, {"cpu_threads_per_pass": 2, "cpu_forward_tokens": 2048, "compile": True})
