@@ -36,9 +36,14 @@ def label(cmdline: list[str]) -> str:
 
 
 def snapshot() -> dict[int, tuple[str, float]]:
-    """{pid: (label, CPU seconds so far)} for every readable process."""
+    """{pid: (label, CPU seconds so far)} for every readable process; empty where there is no /proc (macOS), so
+    a run there reports no split instead of failing."""
     out: dict[int, tuple[str, float]] = {}
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
         if not entry.isdigit():
             continue
         try:

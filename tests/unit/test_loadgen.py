@@ -117,6 +117,15 @@ def test_cpu_split_sees_a_busy_process(tmp_path):
     assert list(cores.values())[0] == max(cores.values())  # largest first
 
 
+def test_cpu_split_is_empty_without_proc(monkeypatch):
+    def no_proc(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(cpu_split.os, "listdir", no_proc)
+    assert cpu_split.snapshot() == {}
+    assert cpu_split.split({}, {}, 1.0) == {}
+
+
 def test_cpu_flag_adds_the_steady_window_split():
     res = _run(_requests(100_000), concurrency=2, duration=0.8, cpu=True)
     cores = res["cpu_cores"]
