@@ -138,12 +138,15 @@ class Scorer:
             self.reranker.max_batch_tokens = (self.cfg.cpu_text_pass_tokens if self.reranker.kind == "text"
                                               else self.cfg.cpu_batch_tokens)
         self.fused_elementwise = False
-        if self.cfg.compile and device == "cuda":
+        compile_on = self.cfg.compile
+        if compile_on and self.reranker.kind == "vl" and device == "cuda":
             self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
-        elif self.cfg.compile and self.reranker.kind == "text":
-            # compiled on a forward thread, like the load; falls back to eager (logged) without a C++ compiler
+        elif compile_on and self.reranker.kind == "text":
+            # text passes are packed (forward_packed), which torch.compile(model) would not reach: the elementwise
+            # steps are compiled instead (Triton on GPU, C++ on CPU), on a forward thread like the load; falls
+            # back to eager (logged) when they do not compile
             self.fused_elementwise = self._forward_pool.submit(self.reranker.fuse_elementwise).result()
-            if self.fused_elementwise and not _tcmalloc_loaded():
+            if self.fused_elementwise and device == "cpu" and not _tcmalloc_loaded():
                 log.warning("compile on CPU without tcmalloc: the fused kernels were 3%% slower than eager with "
                             "glibc's malloc in the benchmark service; start Ray with "
                             "LD_PRELOAD=libtcmalloc_minimal.so.4 (package libtcmalloc-minimal4) for +4-7%%")
