@@ -10,6 +10,8 @@ The work is split in three steps that the Serve deployments and Ray Data reuse:
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 from dataclasses import dataclass
@@ -121,6 +123,7 @@ class Reranker:
         self.source = source or info.path
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.attention_group_tokens = int(attention_group_tokens or (512 if device.type == "cpu" else 4096))
+        self.cudnn_attention = False  # see _attention_kernels
 
     @property
     def max_length(self) -> int:
@@ -189,13 +192,26 @@ class Reranker:
             return np.zeros(0, dtype=np.float32)
         tiles = list(tiles) if tiles is not None else [None] * len(rows)
         plan = plan or self.plan_rows(rows, tiles)
-        if plan.passes is None:
-            outputs = [self._forward_batch([rows[i] for i in b.indices], [tiles[i] for i in b.indices]) for b in plan.batches]
-        else:
-            outputs = []
-            for p in plan.passes:
-                outputs.extend(self._forward_pass([[rows[i] for i in plan.batches[k].indices] for k in p]))
+        with self._attention_kernels():
+            if plan.passes is None:
+                outputs = [self._forward_batch([rows[i] for i in b.indices], [tiles[i] for i in b.indices])
+                           for b in plan.batches]
+            else:
+                outputs = []
+                for p in plan.passes:
+                    outputs.extend(self._forward_pass([[rows[i] for i in plan.batches[k].indices] for k in p]))
         return plan.scatter(outputs)
+
+    def _attention_kernels(self) -> contextlib.AbstractContextManager:
+        """On CUDA, attention without cuDNN's kernel: it builds an execution plan for every new attention
+        shape, and served traffic brings new shapes all the time (an H100 ran fresh 32-document requests in
+        190 ms each with it against 59 ms once the shapes had been seen; benchmarks/README.md, GPU run).
+        Flash attention and the memory-efficient kernel need no plans."""
+        if self.device.type != "cuda" or self.cudnn_attention:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     @torch.inference_mode()
     def _forward_pass(self, groups: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:

@@ -123,6 +123,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out
 
 
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    repeat_kv: bool | None = None,
+) -> torch.Tensor:
+    """Bidirectional attention, q [B, Nh, L, D], k/v [B, Nkv, L, D] (Nkv divides Nh), mask bool [B, 1, 1, L] or
+    None -> [B, Nh, L, D].
+
+    On CUDA a masked call repeats the key/value heads up to Nh (``repeat_kv``, default: on CUDA with a mask):
+    torch's flash kernel admits grouped heads but no mask, its memory-efficient kernel a mask but not grouped
+    heads, so a masked grouped call would otherwise run the math kernel (cuDNN's admits both but builds a plan
+    for every new shape; ``Reranker._attention_kernels`` keeps it out). The repeat is what ``enable_gqa`` means,
+    so the result is the same."""
+    nh, nkv = q.shape[1], k.shape[1]
+    if repeat_kv is None:
+        repeat_kv = q.is_cuda and mask is not None
+    if nkv != nh and repeat_kv:
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+        nkv = nh
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nkv != nh)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention without a causal mask; pad keys are masked out."""
 
@@ -158,14 +180,7 @@ class Attention(nn.Module):
             q = apply_rotary(self.q_proj(x).view(bsz, length, nh, d), cos, sin)
             k = apply_rotary(self.k_proj(x).view(bsz, length, nkv, d), cos, sin)
             v = self.v_proj(x).view(bsz, length, nkv, d)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=key_mask,
-            scale=d**-0.5,
-            enable_gqa=nkv != nh,
-        )
+        out = grouped_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask, d**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, -1))
 
     def forward_packed(
@@ -194,13 +209,9 @@ class Attention(nn.Module):
                 flat = g.gather.view(-1)
                 qk_g = qk.index_select(0, flat).view(g.b, g.length, nh + nkv, d)
                 v_g = v.index_select(0, flat).view(g.b, g.length, nkv, d)
-            o = F.scaled_dot_product_attention(
-                qk_g[:, :, :nh].transpose(1, 2),
-                qk_g[:, :, nh:].transpose(1, 2),
-                v_g.transpose(1, 2),
-                attn_mask=g.key_mask,
-                scale=d**-0.5,
-                enable_gqa=nkv != nh,
+            o = grouped_attention(
+                qk_g[:, :, :nh].transpose(1, 2), qk_g[:, :, nh:].transpose(1, 2), v_g.transpose(1, 2), g.key_mask,
+                d**-0.5,
             )
             o = o.transpose(1, 2).reshape(g.b * g.length, nh * d)
             if g.real is None:

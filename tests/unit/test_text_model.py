@@ -272,3 +272,64 @@ def test_a_torch_that_cannot_script_leaves_the_passes_eager(tiny_text, monkeypat
     assert r.model.model.scripted is False
     assert "no TorchScript here" in caplog.text
     assert len(r.score(QUERY, DOCS)) == len(DOCS)
+
+
+def test_repeated_kv_heads_give_grouped_attention():
+    """A masked grouped-heads call on CUDA repeats the key/value heads (so torch can pick its memory-efficient
+    kernel instead of math): the same result as enable_gqa, and as attention written out by hand."""
+    from rerank_core.models.llama_bidirectional import grouped_attention
+
+    g = torch.Generator().manual_seed(3)
+    b, nh, nkv, length, d = 3, 8, 2, 11, 16
+    q = torch.randn(b, nh, length, d, generator=g)
+    k = torch.randn(b, nkv, length, d, generator=g)
+    v = torch.randn(b, nkv, length, d, generator=g)
+    lens = torch.tensor([11, 7, 1])
+    mask = (torch.arange(length)[None, :] < lens[:, None])[:, None, None, :]
+    grouped = grouped_attention(q, k, v, mask, d**-0.5, repeat_kv=False)
+    repeated = grouped_attention(q, k, v, mask, d**-0.5, repeat_kv=True)
+    torch.testing.assert_close(repeated, grouped, atol=1e-6, rtol=0)
+    kk, vv = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    scores = (q @ kk.transpose(-1, -2)) * d**-0.5
+    by_hand = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ vv
+    torch.testing.assert_close(grouped, by_hand, atol=1e-5, rtol=0)
+    assert grouped_attention(q, k, v, None, d**-0.5).shape == (b, nh, length, d)
+
+
+def test_model_with_repeated_kv_heads_scores_the_same(tiny_text, monkeypatch):
+    """The whole model, packed and padded passes, with the key/value heads repeated (the CUDA path) as without."""
+    import functools
+
+    from rerank_core.models import llama_bidirectional as lb
+
+    r = load_reranker(tiny_text, device="cpu", dtype="float32")
+    lb.script_packed_layers(r.model, False)  # the eager layers: what a GPU runs
+    docs = [d * k for k, d in enumerate(DOCS + MULTILINGUAL, start=1)] + DOCS
+    enc = r.encode(QUERY, docs)
+    rows = [enc.pair(i) for i in range(len(enc.lengths))]
+    lengths = [len(x) for x in rows]
+    plans = [pack_varlen(lengths, 256, 64), pack(lengths, 1 << 20)]
+    before = [r.forward_rows(rows, plan=p) for p in plans]
+    monkeypatch.setattr(lb, "grouped_attention", functools.partial(lb.grouped_attention, repeat_kv=True))
+    after = [r.forward_rows(rows, plan=p) for p in plans]
+    for a, b in zip(after, before):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_cuda_passes_keep_cudnn_attention_out(tiny_text):
+    """On CUDA, forward passes run with cuDNN's attention kernel disabled (it builds a plan per new shape);
+    flash and memory-efficient stay on; the flags are restored after; ``cudnn_attention`` opts back in."""
+    r = load_reranker(tiny_text, device="cpu", load_weights=False)
+    assert r.cudnn_attention is False
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    r.device = torch.device("cuda")  # only the choice of kernels is looked at here; nothing runs
+    with r._attention_kernels():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    r.cudnn_attention = True
+    with r._attention_kernels():
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    r.device = torch.device("cpu")
+    with r._attention_kernels():
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
