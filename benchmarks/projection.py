@@ -3,12 +3,11 @@
     python benchmarks/projection.py [--doc-tokens 300] [--tiles 7] [--utilisation 0.25 0.4 0.55]
     python benchmarks/projection.py --cpu-tokens-per-s 16000     # anchor: what the CPU runs achieve
 
-No GPU was lent to this project so far, so the GPU figures are a projection, not a measurement: matmul
+The GPU figures are a projection (the one GPU run so far, on an H100, is in benchmarks/README.md): matmul
 FLOP counted from the published configs (2 FLOP per weight per token, plus QK^T and AV), divided into the
 GPU's dense bf16 peak times an assumed utilisation. ``--cpu-tokens-per-s`` turns a throughput measured on
 the CPU benchmark checkpoint (hidden 256, 4 layers, head_dim 64) into achieved GFLOP/s the same way, as a
-check that the FLOP model and the measured numbers agree. Run the real thing on a GPU whenever one is
-available (``benchmarks/compare.py`` without vLLM, or ``benchmarks/latency.py``) and replace these figures.
+check that the FLOP model and the measured numbers agree. On a GPU, ``benchmarks/gpu.py`` measures the real thing.
 """
 
 from __future__ import annotations
