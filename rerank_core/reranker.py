@@ -11,8 +11,8 @@ The work is split in three steps that the Serve deployments and Ray Data reuse:
 from __future__ import annotations
 
 import contextlib
-
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -205,13 +205,11 @@ class Reranker:
     def _attention_kernels(self) -> contextlib.AbstractContextManager:
         """On CUDA, attention without cuDNN's kernel: it builds an execution plan for every new attention
         shape, and served traffic brings new shapes all the time (an H100 ran fresh 32-document requests in
-        190 ms each with it against 59 ms once the shapes had been seen; benchmarks/README.md, GPU run).
-        Flash attention and the memory-efficient kernel need no plans."""
+        190-250 ms each with it against 59 ms once the shapes had been seen; benchmarks/README.md, GPU run).
+        Flash attention and the memory-efficient kernel need no plans. ``cudnn_attention = True`` keeps it."""
         if self.device.type != "cuda" or self.cudnn_attention:
             return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        return _WITHOUT_CUDNN_ATTENTION
 
     @torch.inference_mode()
     def _forward_pass(self, groups: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
@@ -301,6 +299,33 @@ class Reranker:
         if top_n:
             order = order[: int(top_n)]
         return [RerankResult(int(i), float(logits[i]), float(probs[i])) for i in order]
+
+
+class _WithoutCudnnAttention:
+    """Turns torch's cuDNN attention off while any forward pass of this process is inside, and back to what it
+    was when the last one leaves. The switch is process-wide (torch keeps no per-thread choice), so passes on
+    several threads share one count instead of each restoring the flag under the others."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._was = True
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._was = torch.backends.cuda.cudnn_sdp_enabled()
+                torch.backends.cuda.enable_cudnn_sdp(False)
+            self._inside += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                torch.backends.cuda.enable_cudnn_sdp(self._was)
+
+
+_WITHOUT_CUDNN_ATTENTION = _WithoutCudnnAttention()
 
 
 def build_model(info: CheckpointInfo, dtype: torch.dtype) -> torch.nn.Module:

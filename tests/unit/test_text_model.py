@@ -317,19 +317,27 @@ def test_model_with_repeated_kv_heads_scores_the_same(tiny_text, monkeypatch):
 
 
 def test_cuda_passes_keep_cudnn_attention_out(tiny_text):
-    """On CUDA, forward passes run with cuDNN's attention kernel disabled (it builds a plan per new shape);
-    flash and memory-efficient stay on; the flags are restored after; ``cudnn_attention`` opts back in."""
+    """On CUDA, forward passes run with cuDNN's attention kernel off (it builds a plan per new shape), the other
+    kernels as they were; the flag comes back after the last of several overlapping passes (threads) leaves;
+    ``cudnn_attention`` opts back in; CPU passes leave it alone."""
     r = load_reranker(tiny_text, device="cpu", load_weights=False)
     assert r.cudnn_attention is False
-    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    flash, efficient = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()
     r.device = torch.device("cuda")  # only the choice of kernels is looked at here; nothing runs
-    with r._attention_kernels():
+    outer, inner = r._attention_kernels(), r._attention_kernels()
+    with outer:
         assert not torch.backends.cuda.cudnn_sdp_enabled()
-        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
-    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+        with inner:  # a second thread's pass, overlapping
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # the first pass is still inside
+        assert torch.backends.cuda.flash_sdp_enabled() == flash
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() == efficient
+    assert torch.backends.cuda.cudnn_sdp_enabled()
     r.cudnn_attention = True
     with r._attention_kernels():
-        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    r.cudnn_attention = False
     r.device = torch.device("cpu")
     with r._attention_kernels():
-        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+        assert torch.backends.cuda.cudnn_sdp_enabled()
