@@ -15,6 +15,8 @@ Parts (each writes ``OUT/PART.json``; a part that fails records its error and th
   (``compile``), one pass at a time as a scorer replica runs them, and a dense bf16 matmul for the card's
   reachable peak.
 - ``vl``: the real-size VL model (SigLIP 1152x27 + projector + the same Llama): pages/s for 1920x1080 pages.
+- ``attention``: attention alone over the groups of real passes, per kernel (cuDNN, math, memory-efficient with
+  the K/V heads repeated, flash per sequence, varlen flash), on shapes never seen and again.
 - ``serve``: first a 10-document request's latency in process (one at a time, as the latency target is
   stated), then ``serve run`` on the real-size text checkpoint for each ``--variants`` entry (scorer replicas,
   each on ``1/n`` of the GPU, and scorer fields to override) and the load generator against ``/v1/rerank``
@@ -264,6 +266,101 @@ def part_vl(args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ attention
+def part_attention(args) -> dict:
+    """Attention alone over the groups of real passes (32 documents of 64-512 tokens plus a query, packed as a GPU
+    scorer packs them: 16k-token passes, 4096-token attention groups), per kernel: cuDNN (grouped heads and the
+    padding mask, as torch picks by default on an H100), math, memory-efficient with the K/V heads repeated (what
+    ``grouped_attention`` does on CUDA), flash on each sequence alone (no padding, no mask) and varlen flash over
+    the packed tokens. ``fresh``: group shapes never run before (cuDNN builds a plan per shape); ``seen``: the
+    same again."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rerank_core.batching import pack_varlen
+    from rerank_core.models.llama_bidirectional import grouped_attention
+
+    dev = args.device
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    nh, nkv, d = (4, 1, 64) if args.small else (32, 8, 64)
+    n_seq = 64 if args.small else 512
+    rng = np.random.default_rng(1)
+
+    def groups() -> list[list[int]]:
+        lengths = [int(x) for x in rng.integers(90, 560, n_seq)]
+        plan = pack_varlen(lengths, 16384, 4096)
+        return [[lengths[i] for i in plan.batches[k].indices] for p in plan.passes for k in p]
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=dev, dtype=dtype)
+
+    def padded_inputs(gs):
+        out = []
+        for lens in gs:
+            b, longest = len(lens), max(lens)
+            valid = torch.arange(longest, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+            out.append((rand(b, nh, longest, d), rand(b, nkv, longest, d), rand(b, nkv, longest, d),
+                        valid[:, None, None, :]))
+        return out
+
+    def padded(backends, repeat):
+        def run(inputs):
+            with sdpa_kernel(backends):
+                for q, k, v, mask in inputs:
+                    grouped_attention(q, k, v, mask, d**-0.5, repeat_kv=repeat)
+        return padded_inputs, run
+
+    def per_sequence_inputs(gs):
+        return [(rand(1, nh, n, d), rand(1, nkv, n, d), rand(1, nkv, n, d)) for lens in gs for n in lens]
+
+    def per_sequence(inputs):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            for q, k, v in inputs:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=nkv != nh)
+
+    def varlen_inputs(gs):
+        out = []
+        for lens in gs:
+            t = sum(lens)
+            cu = torch.tensor(np.concatenate(([0], np.cumsum(lens))), device=dev, dtype=torch.int32)
+            out.append((rand(t, nh, d), rand(t, nkv, d), rand(t, nkv, d), cu, max(lens)))
+        return out
+
+    def varlen(inputs):
+        from torch.nn.attention.varlen import varlen_attn
+
+        for q, k, v, cu, longest in inputs:
+            varlen_attn(q, k, v, cu, cu, longest, longest, scale=d**-0.5, enable_gqa=nkv != nh)
+
+    variants = {
+        "cudnn_gqa_mask": padded([SDPBackend.CUDNN_ATTENTION], False),
+        "math_gqa_mask": padded([SDPBackend.MATH], False),
+        "efficient_repeat_kv_mask": padded([SDPBackend.EFFICIENT_ATTENTION], True),
+        "flash_per_sequence": (per_sequence_inputs, per_sequence),
+        "varlen_flash": (varlen_inputs, varlen),
+    }
+    out: dict = {"heads": [nh, nkv, d], "sequences_per_set": n_seq, "runs": []}
+    for name, (prepare, fn) in variants.items():
+        row: dict = {"variant": name}
+        gs = groups()  # new shapes for this kernel ("fresh"), then the same again ("seen")
+        try:
+            fn(prepare([[33, 17]]))  # first-call costs (module loading, handles) out of the timing
+            inputs = prepare(gs)
+            tokens = sum(sum(g) for g in gs)
+            flop = sum(4 * n * n * nh * d for g in gs for n in g)  # QK^T and AV over real tokens
+            for phase in ("fresh", "seen"):
+                sync(dev)
+                t0 = time.perf_counter()
+                fn(inputs)
+                sync(dev)
+                secs = time.perf_counter() - t0
+                row[phase] = {"ms": round(secs * 1e3, 2), "tokens": tokens, "tflops_real": round(flop / secs / 1e12, 2)}
+        except Exception as e:  # noqa: BLE001 - a kernel this device or torch lacks is a result too
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        out["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ serve
 def in_process_latency(args, ckpt: str, n: int = 40) -> dict:
     """p50/p95 of fresh 10-document requests (32-256 tokens) scored one at a time in this process, with the
@@ -331,7 +428,7 @@ def part_serve(args) -> dict:
     return out
 
 
-PARTS = {"check": part_check, "text": part_text, "vl": part_vl, "serve": part_serve}
+PARTS = {"check": part_check, "text": part_text, "vl": part_vl, "attention": part_attention, "serve": part_serve}
 
 
 def main() -> None:
@@ -339,7 +436,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--vl-tokenizer", required=True)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gpu")
-    ap.add_argument("--parts", default="check,text,vl,serve")
+    ap.add_argument("--parts", default="check,text,vl,attention,serve")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny sizes and workloads (to check the script on a CPU)")
     ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 16384, 32768],
