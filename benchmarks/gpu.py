@@ -11,9 +11,9 @@ Parts (each writes ``OUT/PART.json``; a part that fails records its error and th
   the padded one. Also the real-size text model: CUDA bfloat16 against CPU float32 on a few pairs.
 - ``text``: a random-weight checkpoint of the real text model's size (hidden 2048, 16 layers, 32/8 heads,
   head_dim 64, the 128k vocabulary; bfloat16 weights, 2.5 GB) in process: pairs/s, tokens/s and achieved
-  TFLOP/s for each forward pass size (``max_batch_tokens``), eager and with fused elementwise kernels
-  (``compile``), one pass at a time as a scorer replica runs them, and a dense bf16 matmul for the card's
-  reachable peak.
+  TFLOP/s for each forward pass size (``max_batch_tokens``) and attention group size (``--group-tokens``),
+  eager and with fused elementwise kernels (``compile``), one pass at a time as a scorer replica runs them,
+  and a dense bf16 matmul for the card's reachable peak.
 - ``vl``: the real-size VL model (SigLIP 1152x27 + projector + the same Llama): pages/s for 1920x1080 pages.
 - ``attention``: attention alone over the groups of real passes, per kernel (cuDNN, math, memory-efficient with
   the K/V heads repeated, flash per sequence, varlen flash), on shapes never seen and again.
@@ -213,16 +213,20 @@ def part_text(args) -> dict:
         for cell, rows in data.items():
             tokens = int(sum(len(x) for x in rows))
             flop = flop_of(dec, rows)
-            for budget in (args.budgets if variant == "eager" else [16384]):
-                r.max_batch_tokens = budget
+            default_group = r.attention_group_tokens
+            runs = [(b, default_group) for b in (args.budgets if variant == "eager" else [16384])]
+            runs += [(16384, g) for g in args.group_tokens]
+            for budget, group in runs:
+                r.max_batch_tokens, r.attention_group_tokens = budget, group
                 timed_passes(r, rows[: max(1, len(rows) // 8)], 1, dev)  # warm up these shapes
                 s = timed_passes(r, rows, 2, dev)
                 row = {"variant": variant, "docs": cell.docs_per_request, "doc_tokens": list(cell.doc_tokens),
-                       "max_batch_tokens": budget, "pairs": len(rows), "tokens": tokens,
-                       "pairs_per_s": round(len(rows) / s, 1), "tokens_per_s": round(tokens / s),
+                       "max_batch_tokens": budget, "attention_group_tokens": group, "pairs": len(rows),
+                       "tokens": tokens, "pairs_per_s": round(len(rows) / s, 1), "tokens_per_s": round(tokens / s),
                        "tflops": round(flop / s / 1e12, 1), "mfu_h100": round(flop / s / 1e12 / H100_BF16_PEAK, 3)}
                 out["cells"].append(row)
                 print(json.dumps(row), flush=True)
+            r.attention_group_tokens = default_group
     if dev.startswith("cuda"):
         out["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
@@ -441,6 +445,9 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny sizes and workloads (to check the script on a CPU)")
     ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 16384, 32768],
                     help="forward pass sizes (max_batch_tokens) to time")
+    ap.add_argument("--group-tokens", type=lambda s: [int(x) for x in s.split(",") if x], default=[16],
+                    help="attention_group_tokens to time besides the default, at 16k-token passes (16: one sequence "
+                         "per group, so no mask: flash with grouped heads on CUDA)")
     ap.add_argument("--text-requests", type=int, default=16, help="requests per text cell")
     ap.add_argument("--vl-pages", type=int, default=48)
     ap.add_argument("--vl-tiles", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64, 128])
