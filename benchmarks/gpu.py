@@ -132,9 +132,9 @@ def part_check(args) -> dict:
     if not args.small:
         # the real-size model: bf16 on the device against fp32 on the CPU (random weights, so only a bound)
         ckpt = checkpoint(args.out, "text", args.tokenizer, REAL)
-        reqs = make_requests(Cell(docs_per_request=8, doc_tokens=(16, 400), query_words=12), 1,
-                             load_reranker(ckpt, device="cpu", load_weights=False).tokenizer.count_tokens, 5)
         ref = load_reranker(ckpt, device="cpu", dtype="float32")
+        reqs = make_requests(Cell(docs_per_request=8, doc_tokens=(16, 400), query_words=12), 1,
+                             ref.tokenizer.count_tokens, 5)
         want = np.asarray(ref.score(*reqs[0]))
         del ref
         r = load_reranker(ckpt, device=dev, dtype="bfloat16")
@@ -162,14 +162,15 @@ def matmul_peak(dev: str) -> float | None:
     return round(10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12, 1)
 
 
-def timed_passes(r, rows, repeat: int, dev: str) -> float:
-    """Best seconds of ``repeat`` runs over all ``rows``, planned as a scorer plans a batch, one pass at a time."""
-    plan = r.plan_rows(rows)
+def timed_passes(r, rows, repeat: int, dev: str, tiles=None) -> float:
+    """Best seconds of ``repeat`` runs over all ``rows`` (and their image ``tiles``, VL model), planned as a
+    scorer plans a batch, one pass at a time."""
+    plan = r.plan_rows(rows, tiles)
     best = float("inf")
     for _ in range(repeat):
         sync(dev)
         t0 = time.perf_counter()
-        r.forward_rows(rows, plan=plan)
+        r.forward_rows(rows, tiles, plan=plan)
         sync(dev)
         best = min(best, time.perf_counter() - t0)
     return best
@@ -254,13 +255,7 @@ def part_vl(args) -> dict:
     for max_tiles in args.vl_tiles:
         r.max_batch_tiles = max_tiles
         r.forward_rows(rows[:2], tiles[:2])
-        best = float("inf")
-        for _ in range(2):
-            sync(dev)
-            t0 = time.perf_counter()
-            r.forward_rows(rows, tiles)
-            sync(dev)
-            best = min(best, time.perf_counter() - t0)
+        best = timed_passes(r, rows, 2, dev, tiles)
         flop = flop_of(dec, rows) + (0 if args.small else int(enc.num_tiles.sum()) * siglip_flop_per_tile())
         row = {"max_batch_tiles": max_tiles, "pages_per_s": round(n / best, 2), "tflops": round(flop / best / 1e12, 1),
                "mfu_h100": round(flop / best / 1e12 / H100_BF16_PEAK, 3)}

@@ -138,10 +138,9 @@ class Scorer:
             self.reranker.max_batch_tokens = (self.cfg.cpu_text_pass_tokens if self.reranker.kind == "text"
                                               else self.cfg.cpu_batch_tokens)
         self.fused_elementwise = False
-        compile_on = self.cfg.compile
-        if compile_on and self.reranker.kind == "vl" and device == "cuda":
+        if self.cfg.compile and self.reranker.kind == "vl" and device == "cuda":
             self.reranker.model = torch.compile(self.reranker.model, dynamic=True)
-        elif compile_on and self.reranker.kind == "text":
+        elif self.cfg.compile and self.reranker.kind == "text":
             # text passes are packed (forward_packed), which torch.compile(model) would not reach: the elementwise
             # steps are compiled instead (Triton on GPU, C++ on CPU), on a forward thread like the load; falls
             # back to eager (logged) when they do not compile
