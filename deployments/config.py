@@ -345,7 +345,12 @@ class LimitsArgs(_Strict):
         "spreads over replicas and shares batches with small ones.",
     )
     request_timeout_s: float = Field(
-        60.0, gt=0, description="Scoring that has not finished after this long is cancelled (504)."
+        300.0,
+        gt=0,
+        description="Scoring that has not finished after this long is cancelled (504). A last resort against "
+        "stuck work, not a latency target: requests wait in first-in-first-out queues, so under a sustained "
+        "load whose latency exceeds the limit every request would time out after using its share of the "
+        "machine, and none would succeed. A client that disconnects cancels its request's queued work anyway.",
     )
     max_chunks_in_flight: int = Field(
         16,

@@ -134,3 +134,32 @@ def test_request_timeout_is_504_and_cancels_the_work(aux):
     assert r.status_code == 200, r.text[:300]
     assert time.monotonic() - t0 < 5
     assert len(RerankResponse.model_validate(r.json()).results) == 2
+
+
+def test_a_client_that_disconnects_stops_its_work(aux):
+    """No server timeout needed for abandoned requests: the proxy cancels the request when its client goes away,
+    and the ingress cancels the chunks behind it (so limits.request_timeout_s can stay a generous last resort)."""
+    from ray import serve
+
+    scorer = serve.get_deployment_handle("Scorer-text", "rel-limits")
+
+    def pairs() -> int:
+        return scorer.stats.remote().result(timeout_s=30)["forward"]["pairs"]
+
+    url = aux.url("rel-limits", "/v1/rerank")
+    docs = [f"{i} " + "protein " * 1000 for i in range(1000)]  # tens of seconds of scoring, in chunks of 8
+    before = pairs()
+    t0 = time.monotonic()
+    try:
+        httpx.post(url, json={"query": "protein", "documents": docs}, timeout=1.5)
+        raise AssertionError("the request finished within 1.5 s")
+    except httpx.TimeoutException:
+        pass  # the client gave up and closed its connection
+    time.sleep(0.5)  # the calls in flight when it left (at most two chunks) finish
+    settled = pairs()
+    time.sleep(1.5)
+    after = pairs()
+    assert time.monotonic() - t0 < 5, "too slow to tell a cancellation from the 5 s request timeout"
+    assert settled > before, "no work had started"
+    # still scoring, the request would have added ~50 pairs a second (112 in its first 2 s on the dev machine)
+    assert after - settled <= 8, (before, settled, after)
