@@ -53,13 +53,21 @@ class DeploymentArgs(_Strict):
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs each replica reserves.")
     memory_gb: float | None = Field(None, gt=0, description="Memory each replica reserves (GiB), if set.")
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="Requests a replica works on at once. Default: derived from the batch settings."
+        None,
+        ge=1,
+        description="Requests a replica works on at once. Default: 256 for the ingress, 32 for preprocess; for a "
+        "scorer derived from the batch settings (on CPU at least as many as the ingress may send it, see "
+        "max_queued_requests).",
     )
-    max_queued_requests: int = Field(
-        256,
+    max_queued_requests: int | None = Field(
+        None,
         ge=-1,
         description="Requests each caller may queue for this deployment before new ones are refused with "
-        "503 and Retry-After (-1: unbounded; not recommended).",
+        "503 and Retry-After (-1: unbounded; not recommended). Default: 512 for the ingress (its callers are "
+        "the proxies, so this is where the service refuses load); for the preprocess and scorer deployments, "
+        "as many chunk calls as the requests one ingress replica admits can have in flight (its "
+        "max_ongoing_requests x limits.max_chunks_in_flight), so a request the ingress took is never refused "
+        "halfway, after some of its chunks were scored.",
     )
     max_surge_percent: int | None = Field(
         None,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from deployments.app import GRPC_MESSAGE_BYTES, GRPC_MESSAGE_ENV, deployment_options
 from deployments.config import DeploymentArgs
@@ -94,3 +97,30 @@ def test_batch_wait_defaults_to_none_on_cpu_and_5_ms_on_gpu():
     assert (set_.batch_wait_s(cpu=True), set_.batch_wait_s(cpu=False)) == (0.05, 0.05)
     with pytest.raises(ValueError):
         ScorerArgs(batch_wait_timeout_s=-1)
+
+
+def test_inner_queues_hold_what_the_admitted_requests_can_send():
+    """The ingress refuses load; the preprocess and scorer queues default to its max_ongoing_requests times
+    limits.max_chunks_in_flight, so an admitted request is not refused after some of its chunks were scored."""
+    from deployments.app import INGRESS_ONGOING, INGRESS_QUEUED, chunk_calls_admitted
+    from deployments.config import AppArgs
+
+    shipped = yaml.safe_load((Path(__file__).parents[2] / "serve_config.yaml").read_text())["applications"][0]["args"]
+    cfg = AppArgs.model_validate(shipped)
+    assert chunk_calls_admitted(cfg) == INGRESS_ONGOING * cfg.limits.max_chunks_in_flight == 256 * 16
+    assert all(m.scorer.max_queued_requests is None and m.preprocess.max_queued_requests is None for m in cfg.models)
+    cfg = AppArgs.model_validate({**shipped, "ingress": {"max_ongoing_requests": 10},
+                                  "limits": {"max_chunks_in_flight": 3}})
+    assert chunk_calls_admitted(cfg) == 30
+    assert deployment_options(DeploymentArgs(), 8, 2)["max_queued_requests"] == INGRESS_QUEUED
+    assert deployment_options(DeploymentArgs(), 8, 2, default_queued=30)["max_queued_requests"] == 30
+    # a CPU scorer takes every chunk call into its own FIFO (Serve's router queue does not keep their order);
+    # on GPU the router keeps the excess for replicas the autoscaler adds
+    from deployments.app import scorer_defaults
+
+    s = cfg.models[0].scorer
+    assert scorer_defaults(s, use_gpu=False, admitted_chunk_calls=4096)[0] == 4096
+    assert scorer_defaults(s, use_gpu=True, admitted_chunk_calls=4096) == scorer_defaults(s, use_gpu=True)
+    assert scorer_defaults(s, use_gpu=False, admitted_chunk_calls=4)[0] == scorer_defaults(s, use_gpu=False)[0]
+    # set in the config, it wins (the reliability tests shrink the queues)
+    assert deployment_options(DeploymentArgs(max_queued_requests=3), 8, 2, default_queued=30)["max_queued_requests"] == 3
