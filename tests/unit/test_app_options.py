@@ -123,4 +123,5 @@ def test_inner_queues_hold_what_the_admitted_requests_can_send():
     assert scorer_defaults(s, use_gpu=True, admitted_chunk_calls=4096) == scorer_defaults(s, use_gpu=True)
     assert scorer_defaults(s, use_gpu=False, admitted_chunk_calls=4)[0] == scorer_defaults(s, use_gpu=False)[0]
     # set in the config, it wins (the reliability tests shrink the queues)
-    assert deployment_options(DeploymentArgs(max_queued_requests=3), 8, 2, default_queued=30)["max_queued_requests"] == 3
+    pinned = deployment_options(DeploymentArgs(max_queued_requests=3), 8, 2, default_queued=30)
+    assert pinned["max_queued_requests"] == 3
