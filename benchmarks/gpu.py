@@ -162,6 +162,19 @@ def matmul_peak(dev: str) -> float | None:
     return round(10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12, 1)
 
 
+def bench_dtype(dev: str) -> str:
+    """What the timed parts run in: bf16 on CUDA, float32 on a CPU (``--device cpu --small``)."""
+    return "bfloat16" if dev.startswith("cuda") else "float32"
+
+
+def part_model(args, kind: str, tokenizer: str) -> tuple:
+    """(sizes, reranker, decoder) of a timed part: the benchmark checkpoint of ``kind`` (the real sizes, or
+    SMALL with ``--small``) loaded on ``args.device`` in ``bench_dtype``."""
+    sizes = SMALL if args.small else REAL
+    r = load_reranker(checkpoint(args.out, kind, tokenizer, sizes), device=args.device, dtype=bench_dtype(args.device))
+    return sizes, r, decoder_of(r)
+
+
 def timed_passes(r, rows, repeat: int, dev: str, tiles=None) -> float:
     """Best seconds of ``repeat`` runs over all ``rows`` (and their image ``tiles``, VL model), planned as a
     scorer plans a batch, one pass at a time."""
@@ -178,10 +191,7 @@ def timed_passes(r, rows, repeat: int, dev: str, tiles=None) -> float:
 
 def part_text(args) -> dict:
     dev = args.device
-    sizes = SMALL if args.small else REAL
-    ckpt = checkpoint(args.out, "text", args.tokenizer, sizes)
-    r = load_reranker(ckpt, device=dev, dtype="bfloat16" if dev.startswith("cuda") else "float32")
-    dec = decoder_of(r)
+    sizes, r, dec = part_model(args, "text", args.tokenizer)
     out: dict = {"model": f"hidden {sizes.hidden}, {sizes.layers} layers", "device": dev,
                  "gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else None,
                  "matmul_bf16_tflops": matmul_peak(dev), "cells": []}
@@ -239,10 +249,7 @@ def part_vl(args) -> dict:
     from vl_preprocess import page
 
     dev = args.device
-    sizes = SMALL if args.small else REAL
-    ckpt = checkpoint(args.out, "vl", args.vl_tokenizer, sizes)
-    r = load_reranker(ckpt, device=dev, dtype="bfloat16" if dev.startswith("cuda") else "float32")
-    dec = decoder_of(r)
+    _, r, dec = part_model(args, "vl", args.vl_tokenizer)
     n = 4 if args.small else args.vl_pages
     pages = [page(i) for i in range(min(n, 8))]
     t0 = time.perf_counter()
@@ -367,7 +374,7 @@ def in_process_latency(args, ckpt: str, n: int = 40) -> dict:
     scorer's default kernels (``--in-process-compile``: fused, as ``compile: true``); the GPU memory is given
     back before the service starts."""
     dev = args.device
-    r = load_reranker(ckpt, device=dev, dtype="bfloat16" if dev.startswith("cuda") else "float32")
+    r = load_reranker(ckpt, device=dev, dtype=bench_dtype(dev))
     fused = bool(args.in_process_compile) and r.fuse_elementwise()
     reqs = make_requests(Cell(10, (32, 256), 20), n + 5, r.tokenizer.count_tokens, seed=23)
     lat = []
