@@ -224,7 +224,9 @@ class RerankBatchScorer:
             load_reranker, model_source, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens,
             **(model_kwargs or {}),
         )
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # one single-thread executor per forward thread, so the shares of a batch run side by side for certain (a
+        # shared pool may hand the second share to the thread that just finished the first)
+        self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
         self._threads = self._pass_threads = self._parallel = 1
         if resolve_device(device).type == "cpu":
             self._threads = int(torch_threads or _assigned_cpus() or torch.get_num_threads())
@@ -233,8 +235,9 @@ class RerankBatchScorer:
             # the model is loaded on a forward thread too: libgomp gives every thread that runs parallel work
             # a team of its own, and a spare team on the loading thread makes idle workers spin less and sleep
             # and wake more (benchmarks/README.md, stop 18)
-            self._pool = concurrent.futures.ThreadPoolExecutor(self._parallel, thread_name_prefix="forward")
-            self.reranker = self._pool.submit(with_torch_threads, self._pass_threads, load).result()
+            self._pools = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"forward-{k}")
+                           for k in range(self._parallel)]
+            self.reranker = self._pools[0].submit(with_torch_threads, self._pass_threads, load).result()
             # CPU passes as a CPU scorer's threads run them (cpu_thread_tokens): at 64-512-token pairs 2048-token
             # passes scored 10% more pairs/s than 4096 (benchmarks/batch.py, stop 22; at 24-72-token pairs, stop 19,
             # they were level), and more passes than threads keep the threads evenly loaded
@@ -261,15 +264,16 @@ class RerankBatchScorer:
         """Logits of every token row, in order (``plan`` from ``reranker.plan_rows``): on CPU the plan's
         passes dealt to the forward threads."""
         r = self.reranker
-        if self._pool is None:
+        if not self._pools:
             return r.forward_rows(rows, tiles, plan)
         shares = plan.deal(self._parallel) if plan.passes is not None else []
         if len(shares) < 2:  # one pass, or padded batches (VL): one at a time, on every thread
-            return self._pool.submit(with_torch_threads, self._threads, r.forward_rows, rows, tiles, plan).result()
-        outs = self._pool.map(
-            lambda idx: with_torch_threads(self._pass_threads, r.forward_rows, [rows[i] for i in idx]), shares
-        )
-        return PackPlan.merge(len(rows), shares, list(outs))
+            return self._pools[0].submit(with_torch_threads, self._threads, r.forward_rows, rows, tiles, plan).result()
+        futures = [
+            pool.submit(with_torch_threads, self._pass_threads, r.forward_rows, [rows[i] for i in idx])
+            for pool, idx in zip(self._pools, shares)
+        ]
+        return PackPlan.merge(len(rows), shares, [f.result() for f in futures])
 
     def _encode(self, query: str, docs: list[Any]):
         return self.reranker.encode(
